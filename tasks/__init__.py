@@ -1,0 +1,1 @@
+"""SeqIO task and mixture registrations of t5k (imported as `t5k_tasks`)."""
