@@ -12,6 +12,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "params": ("t5k.models.params_cli", "print the parameter count of a gin model preset (no allocation)"),
+    "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }
 
 

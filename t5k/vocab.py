@@ -1,0 +1,497 @@
+"""Vocabularies for t5k: morpheme-aware byte-level BPE (HyperCLOVA-style) as a `seqio.Vocabulary`.
+
+Variants (the tokenizer ablation; docs/vocab.md has the measurements):
+  morph_bbpe     pieces cut at whitespace, script changes and Kiwi morpheme starts; byte-level BPE inside (default)
+  bbpe           same without the morpheme cuts (plain byte-level BPE)
+  char_bpe       morpheme-cut pieces, BPE over characters; unseen characters become <unk> (not lossless)
+  sentencepiece  SentencePiece unigram through `seqio.SentencePieceVocabulary` (normalises NFKC: not lossless)
+
+Id layout (all variants): 0 <pad>, 1 </s>, 2 <unk>, then the learned pieces, then `extra_ids` sentinels at the
+top of the id space in T5 order (`<extra_id_0>` = vocab_size - 1). A vocabulary is a directory holding the model
+(`tokenizer.json` or `spm.model`) and `meta.json` (variant, sizes, analyser and library versions, training
+inputs and command).
+"""
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5k import morph
+
+VARIANTS = ("morph_bbpe", "bbpe", "char_bpe", "sentencepiece")
+SPECIALS = ("<pad>", "</s>", "<unk>")
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+DEFAULT_EXTRA_IDS = 100
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "vocab" / "morph_bbpe_51200"
+FORMAT = "t5k-vocab/1"
+_SENTINEL_RE = re.compile(r"<extra_id_(0|[1-9][0-9]{0,5})>")
+_UNK_TEXT = "\ufffd"
+
+
+class VocabularyError(ValueError):
+    """Bad input or a bad vocabulary artifact; the message says what and where."""
+
+
+def _bytes_to_unicode() -> dict:
+    """The byte <-> printable-character map of byte-level BPE (the one HF `ByteLevel` uses).
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted to code points 256+ so that every
+    token is a printable string.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = (b for b in range(256) if b not in keep)
+    mapping = {b: chr(b) for b in keep}
+    mapping.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return mapping
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def read_meta(path: Union[str, Path]) -> dict:
+    meta_file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VocabularyError(f"{meta_file}: not a t5k vocabulary directory ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("variant") not in VARIANTS:
+        raise VocabularyError(f"{meta_file}: unknown format {meta.get('format')!r} / variant {meta.get('variant')!r}")
+    return meta
+
+
+def as_text(s: Union[str, bytes], where: str = "input") -> str:
+    """`s` as str; non-UTF-8 bytes raise VocabularyError naming the byte offset."""
+    if isinstance(s, str):
+        return s
+    s = bytes(s)
+    try:
+        return s.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"{where}: invalid UTF-8 byte {s[e.start]:#04x} at byte offset {e.start}") from None
+
+
+class BPEVocabulary(seqio.Vocabulary):
+    """A morph_bbpe / bbpe / char_bpe vocabulary directory as a seqio.Vocabulary.
+
+    Encoding: the text is split at literal sentinels (`<extra_id_3>` -> its id when 3 < extra_ids), the rest is
+    pre-tokenized into pieces (t5k.morph) and BPE-encoded inside the pieces by HF `tokenizers`. Decoding needs no
+    tokenizer at all: every id maps to its bytes (pad/eos to nothing, unk to U+FFFD, sentinels to their literal
+    text), the bytes are joined and decoded as UTF-8 with replacement of incomplete sequences. The same table
+    drives `_decode_tf` in pure TensorFlow, so decoding in tf.data needs no Python.
+    """
+
+    def __init__(self, path: Union[str, Path], extra_ids: Optional[int] = None):
+        self.path = str(Path(path).resolve())
+        self.meta = read_meta(path)
+        if self.meta["variant"] == "sentencepiece":
+            raise VocabularyError(f"{path}: a sentencepiece vocabulary; load it with get_vocabulary()")
+        super().__init__(self.meta["extra_ids"] if extra_ids is None else extra_ids)
+        self._byte_level = self.meta["variant"] != "char_bpe"
+        self._splitter = morph.MorphSplitter() if self.meta["variant"] != "bbpe" else None
+
+    @functools.cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(os.path.join(self.path, "tokenizer.json"))
+
+    @functools.cached_property
+    def id_bytes(self) -> List[bytes]:
+        """Bytes of every id in [0, vocab_size)."""
+        table = [b""] * self.vocab_size
+        for token, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            table[i] = bytes(_BYTE_OF_CHAR[c] for c in token) if self._byte_level else token.encode("utf-8")
+        table[PAD_ID] = table[EOS_ID] = b""
+        table[UNK_ID] = _UNK_TEXT.encode("utf-8")
+        for n in range(self.extra_ids):
+            table[self.vocab_size - 1 - n] = f"<extra_id_{n}>".encode("ascii")
+        return table
+
+    @functools.cached_property
+    def _np_table(self) -> np.ndarray:
+        return np.array(self.id_bytes, dtype=object)
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.meta["base_vocab_size"]
+
+    @property
+    def variant(self) -> str:
+        return self.meta["variant"]
+
+    # ---- Python encoding ----
+    def _segments(self, text: str) -> List[Union[str, int]]:
+        """`text` split into text segments and sentinel ids."""
+        if not self.extra_ids or "<extra_id_" not in text:
+            return [text]
+        out, start = [], 0
+        for m in _SENTINEL_RE.finditer(text):
+            n = int(m.group(1))
+            if n < self.extra_ids:
+                out += [text[start : m.start()], self.vocab_size - 1 - n]
+                start = m.end()
+        return out + [text[start:]]
+
+    def pieces(self, texts: Sequence[str]) -> List[List[str]]:
+        """The pre-tokenizer's pieces of each text (BPE never merges across them)."""
+        if self._splitter is None:
+            return [morph.pieces_by_pattern(t) for t in texts]
+        return self._splitter.split_batch(texts)
+
+    def encode_batch(self, texts: Iterable[Union[str, bytes]]) -> List[List[int]]:
+        """Encode many texts at once (one analyser batch, one Rust call): the fast path."""
+        plans = [self._segments(as_text(t, f"text {i}")) for i, t in enumerate(texts)]
+        strings = [seg for plan in plans for seg in plan if isinstance(seg, str)]
+        try:
+            encoded = iter(self.tokenizer.encode_batch_fast(self.pieces(strings), is_pretokenized=True,
+                                                            add_special_tokens=False))
+        except TypeError:  # str with lone surrogates: not encodable as UTF-8
+            for i, s in enumerate(strings):
+                for j, c in enumerate(s):
+                    if 0xD800 <= ord(c) <= 0xDFFF:
+                        raise VocabularyError(f"lone surrogate U+{ord(c):04X} at character {j}: not Unicode text")
+            raise
+        out = []
+        for plan in plans:
+            ids = []
+            for seg in plan:
+                ids.extend(next(encoded).ids if isinstance(seg, str) else [seg])
+            out.append(ids)
+        return out
+
+    def _encode(self, s: Union[str, bytes]) -> List[int]:
+        return self.encode_batch([s])[0]
+
+    # ---- Python decoding ----
+    def _clean(self, ids) -> List[int]:
+        """ids as ints, truncated after the first EOS; ids outside [0, vocab_size) become unk."""
+        if isinstance(ids, (tf.Tensor, np.ndarray)):
+            ids = np.asarray(ids).tolist()
+        ids = [int(i) if 0 <= i < self.vocab_size else UNK_ID for i in ids]
+        return ids[: ids.index(EOS_ID) + 1] if EOS_ID in ids else ids
+
+    def decode(self, ids) -> str:
+        """Like seqio's decode (stops at EOS), but sentinels decode to their literal text, not unk."""
+        return self._decode(self._clean(ids))
+
+    def _decode(self, ids) -> str:
+        table = self.id_bytes
+        return b"".join([table[i] for i in self._clean(ids)]).decode("utf-8", "replace")
+
+    def id_to_piece(self, i: int) -> str:
+        """Readable form of one id: its text, with bytes that are not a whole character shown as <0xNN>."""
+        raw = self.id_bytes[i] if 0 <= i < self.vocab_size else _UNK_TEXT.encode()
+        text = raw.decode("utf-8", "backslashreplace")
+        return re.sub(r"\\x([0-9a-f]{2})", lambda m: f"<0x{m.group(1).upper()}>", text)
+
+    # ---- TensorFlow ----
+    def _np_encode_one(self, s) -> np.ndarray:
+        return np.asarray(self._encode(s.item() if isinstance(s, np.ndarray) else s), dtype=np.int32)
+
+    def _np_encode_many(self, batch: np.ndarray):
+        ids = self.encode_batch(list(batch))
+        flat = np.fromiter((i for x in ids for i in x), dtype=np.int32)
+        return flat, np.asarray([len(x) for x in ids], dtype=np.int64)
+
+    def _encode_tf(self, s):
+        """Rank 0 string -> int32 [None]; rank 1 [batch] -> RaggedTensor int32 [batch, None] (as seqio expects)."""
+        s = tf.convert_to_tensor(s, dtype=tf.string)
+        if s.shape.rank == 0:
+            ids = tf.numpy_function(self._np_encode_one, [s], tf.int32, stateful=False)
+            ids.set_shape([None])
+            return ids
+        if s.shape.rank == 1:
+            flat, lengths = tf.numpy_function(self._np_encode_many, [s], [tf.int32, tf.int64], stateful=False)
+            flat.set_shape([None])
+            lengths.set_shape(s.shape)
+            return tf.RaggedTensor.from_row_lengths(flat, lengths, validate=False)
+        raise VocabularyError(f"encode_tf takes a string scalar or vector, got shape {s.shape}")
+
+    def decode_tf(self, ids):
+        """Stops at the first EOS like seqio's, but keeps sentinels (seqio would turn them into unk)."""
+        if isinstance(ids, tf.RaggedTensor):
+            ids = ids.to_tensor(PAD_ID)  # pad decodes to nothing
+        ids = tf.convert_to_tensor(ids)
+        after_eos = tf.cumsum(tf.cast(tf.equal(ids, EOS_ID), tf.int32), exclusive=True, axis=-1)
+        return self._decode_tf(tf.where(after_eos > 0, tf.zeros_like(ids), ids))
+
+    def _decode_tf(self, ids):
+        ids = tf.cast(ids, tf.int32)
+        valid = tf.logical_and(ids >= 0, ids < self.vocab_size)
+        table = tf.constant(self._np_table, dtype=tf.string)  # one constant per graph: tensors can't be shared
+        pieces = tf.gather(table, tf.where(valid, ids, UNK_ID))
+        joined = tf.strings.reduce_join(pieces, axis=-1)
+        return tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+
+    def __eq__(self, other):
+        return isinstance(other, BPEVocabulary) and (self.path, self.extra_ids) == (other.path, other.extra_ids)
+
+    def __hash__(self):
+        return hash((self.path, self.extra_ids))
+
+    def __getstate__(self):
+        return {"path": self.path, "extra_ids": self.extra_ids}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["extra_ids"])
+
+    def __str__(self):
+        return f"BPEVocabulary(variant={self.variant}, path={self.path}, vocab_size={self.vocab_size})"
+
+
+@functools.cache
+def _load(path: str, extra_ids: Optional[int]) -> seqio.Vocabulary:
+    meta = read_meta(path)
+    if meta["variant"] == "sentencepiece":
+        return seqio.SentencePieceVocabulary(
+            os.path.join(path, "spm.model"), meta["extra_ids"] if extra_ids is None else extra_ids)
+    return BPEVocabulary(path, extra_ids)
+
+
+@gin.configurable(module="t5k.vocab")
+def get_vocabulary(variant: str = "morph_bbpe", path: Optional[str] = None,
+                   extra_ids: Optional[int] = DEFAULT_EXTRA_IDS) -> seqio.Vocabulary:
+    """The vocabulary for `variant`, loaded once per process.
+
+    `path` defaults to the shipped morph_bbpe vocabulary; other variants have no shipped artifact and need the
+    directory written by `t5k vocab train`. `extra_ids=None` takes the count recorded in the artifact.
+    """
+    if variant not in VARIANTS:
+        raise VocabularyError(f"unknown vocabulary variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if path is None:
+        if variant != "morph_bbpe":
+            raise VocabularyError(f"no shipped {variant} vocabulary: train one with `t5k vocab train --variant "
+                                  f"{variant} ...` and bind get_vocabulary.path (gin macro VOCAB_DIR)")
+        path = DEFAULT_DIR
+    vocab = _load(str(Path(path).resolve()), extra_ids)
+    found = getattr(vocab, "variant", "sentencepiece")
+    if found != variant:
+        raise VocabularyError(f"{path} holds a {found} vocabulary, not {variant}")
+    return vocab
+
+
+def default_vocabulary() -> seqio.Vocabulary:
+    """The shipped morph_bbpe vocabulary with 100 sentinels, as used everywhere unless gin says otherwise."""
+    return get_vocabulary("morph_bbpe", None, DEFAULT_EXTRA_IDS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+def read_lines(files: Sequence[Union[str, Path]], progress: bool = False) -> Iterator[str]:
+    """Lines (without the newline) of text files, plain or .gz; bad UTF-8 names the file, line and byte."""
+    import gzip
+
+    from tqdm import tqdm
+
+    total = sum(os.path.getsize(f) for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
+        for f in files:
+            opener = gzip.open if str(f).endswith(".gz") else open
+            with opener(f, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    bar.update(len(raw))
+                    yield as_text(raw.rstrip(b"\n"), f"{f}:{lineno}")
+
+
+def _batches(lines: Iterable[str], size: int = 2048) -> Iterator[List[str]]:
+    batch = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _train_bpe(lines: Iterable[str], variant: str, base_size: int, min_frequency: int, progress: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    byte_level = variant != "char_bpe"
+    tok = Tokenizer(models.BPE(unk_token=None if byte_level else SPECIALS[UNK_ID]))
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=base_size, min_frequency=min_frequency, special_tokens=list(SPECIALS), show_progress=progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [])
+    splitter = morph.MorphSplitter() if variant != "bbpe" else None
+
+    def pieces():
+        for batch in _batches(lines):
+            if splitter is None:
+                yield [p for line in batch for p in morph.pieces_by_pattern(line)]
+            else:
+                yield [p for ps in splitter.split_batch(batch) for p in ps]
+
+    tok.train_from_iterator(pieces(), trainer=trainer)
+    spec = json.loads(tok.to_str())
+    # Specials stay in the model's vocabulary (ids 0-2, never produced by merges) but are not "added tokens":
+    # added tokens are matched in raw text, and a literal "</s>" in a document must stay text.
+    spec["added_tokens"] = []
+    merged = {a + b for a, b in (m if isinstance(m, list) else m.split(" ") for m in spec["model"]["merges"])}
+    if merged & set(SPECIALS) or [spec["model"]["vocab"].get(s) for s in SPECIALS] != [0, 1, 2]:
+        raise VocabularyError("special tokens collided with learned pieces")
+    return json.dumps(spec, ensure_ascii=False), len(spec["model"]["vocab"])
+
+
+def _train_sentencepiece(lines: Iterable[str], base_size: int, tmp: str) -> int:
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line for line in lines if line), model_prefix=os.path.join(tmp, "spm"),
+            vocab_size=base_size, model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+            character_coverage=0.9995, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            max_sentence_length=1 << 16, minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces than required characters
+        raise VocabularyError(f"sentencepiece training failed: {e}") from None
+    os.remove(os.path.join(tmp, "spm.vocab"))
+    return spm.SentencePieceProcessor(model_file=os.path.join(tmp, "spm.model")).get_piece_size()
+
+
+def _publish(tmp: str, out: Path) -> None:
+    """Move the finished artifact into place (an old artifact or empty dir at `out` is replaced)."""
+    if out.exists():
+        old = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")
+        os.replace(out, os.path.join(old, "v"))
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out: Union[str, Path],
+          extra_ids: int = DEFAULT_EXTRA_IDS, min_frequency: int = 2, progress: bool = False,
+          command: Optional[str] = None) -> Path:
+    """Train a vocabulary of `vocab_size` ids in all (`extra_ids` of them sentinels) and write it to `out`."""
+    if variant not in VARIANTS:
+        raise VocabularyError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    base_size = vocab_size - extra_ids
+    if base_size <= len(SPECIALS) + 256:
+        raise VocabularyError(f"vocab_size {vocab_size} leaves no room for pieces after {extra_ids} extra_ids")
+    for f in inputs:
+        if not os.path.isfile(f):
+            raise VocabularyError(f"{f}: no such file")
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise VocabularyError(f"{out} exists and is not a vocabulary directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    try:
+        start = time.time()
+        lines = read_lines(inputs, progress)
+        if variant == "sentencepiece":
+            got = _train_sentencepiece(lines, base_size, tmp)
+        else:
+            spec, got = _train_bpe(lines, variant, base_size, min_frequency, progress)
+            Path(tmp, "tokenizer.json").write_text(spec, encoding="utf-8")
+        if got != base_size:
+            raise VocabularyError(f"the input supports only {got} base pieces at min_frequency={min_frequency}, "
+                                  f"not {base_size}: use a smaller --vocab_size or more text")
+        meta = {
+            "format": FORMAT, "variant": variant, "vocab_size": vocab_size, "base_vocab_size": base_size,
+            "extra_ids": extra_ids, "specials": dict(zip(SPECIALS, (PAD_ID, EOS_ID, UNK_ID))),
+            "lossless": variant in ("morph_bbpe", "bbpe"),
+            "pretokenizer": {"pattern": morph.PIECE_PATTERN, "morphemes": variant in ("morph_bbpe", "char_bpe"),
+                             "max_analysed_chars": morph.MAX_ANALYSED_CHARS},
+            "analyser": morph.analyser_version() if variant in ("morph_bbpe", "char_bpe") else None,
+            "versions": {p: version(p) for p in ("tokenizers", "sentencepiece", "seqio")},
+            "training": {"inputs": [{"name": Path(f).name, "bytes": os.path.getsize(f)} for f in inputs],
+                         "min_frequency": min_frequency, "seconds": round(time.time() - start, 1),
+                         "command": command},
+        }
+        Path(tmp, "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: t5k vocab train | encode | decode
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    tr = sub.add_parser("train", help="train a vocabulary on text files (one document or sentence per line)")
+    tr.add_argument("--input", nargs="+", required=True, help="text files, plain or .gz, UTF-8")
+    tr.add_argument("--vocab_size", type=int, required=True, help="total ids, extra_ids included (e.g. 51200)")
+    tr.add_argument("--variant", choices=VARIANTS, default="morph_bbpe")
+    tr.add_argument("--extra_ids", type=int, default=DEFAULT_EXTRA_IDS)
+    tr.add_argument("--min_frequency", type=int, default=2)
+    tr.add_argument("--out", required=True, help="output directory (written atomically)")
+    for name, what in (("encode", "text lines on stdin -> space-separated ids"),
+                       ("decode", "space-separated ids on stdin -> text lines")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--vocab", default=None, help="vocabulary directory (default: the shipped morph_bbpe)")
+        if name == "encode":
+            p.add_argument("--pieces", action="store_true", help="print the pieces instead of ids")
+
+
+def _load_cli_vocab(path: Optional[str]) -> seqio.Vocabulary:
+    if path is None:
+        return default_vocabulary()
+    return get_vocabulary(read_meta(path)["variant"], path, None)
+
+
+def _piece(vocab: seqio.Vocabulary, i: int) -> str:
+    if isinstance(vocab, BPEVocabulary):
+        text = vocab.id_to_piece(i)
+    else:
+        text = vocab.tokenizer.id_to_piece(i) if i < vocab.tokenizer.get_piece_size() else vocab.decode([i])
+    return text.replace(" ", "▁").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _encode_cli(vocab: seqio.Vocabulary, show_pieces: bool) -> None:
+    lines = (as_text(raw.rstrip(b"\n"), f"stdin:{n}") for n, raw in enumerate(sys.stdin.buffer, 1))
+    for batch in _batches(lines, 256):
+        ids = vocab.encode_batch(batch) if isinstance(vocab, BPEVocabulary) else [vocab.encode(t) for t in batch]
+        for row in ids:
+            sys.stdout.write(" ".join(_piece(vocab, i) if show_pieces else str(i) for i in row) + "\n")
+
+
+def _decode_cli(vocab: seqio.Vocabulary) -> None:
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            ids = [int(x) for x in raw.split()]
+        except ValueError:
+            raise VocabularyError(f"stdin:{n}: expected space-separated integer ids") from None
+        sys.stdout.write(vocab.decode(ids) + "\n")
+
+
+def run(args: argparse.Namespace, bindings: Sequence[str] = ()) -> int:
+    """Entry point of `t5k vocab`; gin `bindings` are not used (the vocabulary is chosen by --vocab)."""
+    try:
+        if args.action == "train":
+            command = "t5k vocab " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["vocab"] else None
+            out = train(args.input, args.vocab_size, args.variant, args.out, args.extra_ids,
+                        args.min_frequency, progress=True, command=command)
+            print(f"wrote {out}")
+        elif args.action == "encode":
+            _encode_cli(_load_cli_vocab(args.vocab), args.pieces)
+        else:
+            _decode_cli(_load_cli_vocab(args.vocab))
+    except VocabularyError as e:
+        print(f"t5k vocab: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,256 @@
+"""t5k.vocab: exact round trips, the id layout, tf == python, defined errors, training artifacts, CLI and gin."""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import unicodedata
+from pathlib import Path
+
+import gin
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from t5k import cli, morph, vocab
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SEED = "마감이 잘 안돼서 옆부분이 안맞은게 불편했고 흰색이라 어쩔 수 없긴 하지만 때도 잘타요!"
+EXAMPLES = [
+    SEED, "", " ", "ㅋㅋㅋㅋ ㅎㅎ ㅠㅠ", "漢字 한자 混用", "Hello, world! abc_def", "0123 456.78 1,000원",
+    "😀👍🏽 이모지 🇰🇷", "한국어English혼합日本語テキスト", "   leading", "trailing   ", "a  b   c    d",
+    "탭\t구분\t\t값", "줄\n바꿈\n\n\r\n", unicodedata.normalize("NFD", "정규화 안 된 한글 café"),
+    "제어\x00문자\x07\x1b[0m\x7f", "\u200b폭 없는\u00a0공백\u3000전각", "𠀀𪚥 확장 한자", "<extra_id_0>의 <pad></s><unk>",
+    "<extra_id_100> <extra_id_01> <extra_id_", "A: 안녕하세요\nB: 네 반가워요",
+]
+
+
+def _sample_lines(n=400):
+    """Real sentences: reviews + dialogue + news from shared/data, or the examples when it is absent."""
+    if not DATA.exists():
+        return [e for e in EXAMPLES if e] * 20
+    with gzip.open(DATA / "nsmc/ratings_test.txt.gz", "rt", encoding="utf-8") as f:
+        reviews = [line.split("\t")[1] for _, line in zip(range(n // 2 + 1), f)][1:]
+    with gzip.open(DATA / "hg_tods/sessions.jsonl.gz", "rt", encoding="utf-8") as f:
+        turns = [t["text"] for line in f for t in json.loads(line)["turns"]][: n // 4]
+    news = (DATA / "boddari/wikinews.txt").read_text(encoding="utf-8").splitlines()[: n // 4]
+    return reviews + turns + news
+
+
+@pytest.fixture(scope="module")
+def lines():
+    return _sample_lines()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return vocab.default_vocabulary()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, lines):
+    """Tiny vocabularies of every variant, trained on the sample text."""
+    root = tmp_path_factory.mktemp("vocabs")
+    text = root / "train.txt"
+    text.write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
+    out = {}
+    for variant, size in (("morph_bbpe", 1024), ("bbpe", 1024), ("char_bpe", 1024), ("sentencepiece", 1300)):
+        path = vocab.train([text], size, variant, root / variant, extra_ids=100, min_frequency=1)
+        out[variant] = vocab.get_vocabulary(variant, str(path), None)
+    return out
+
+
+def _lossless(shipped, trained):
+    return [shipped, trained["morph_bbpe"], trained["bbpe"]]
+
+
+# ---- the pre-tokenizer ------------------------------------------------------------------------------------------
+def test_seed_sentence_morpheme_pieces(shipped):
+    pieces = shipped.pieces([SEED])[0]
+    assert "".join(pieces) == SEED
+    assert pieces[:2] == ["마감", "이"]
+    assert pieces[pieces.index("부분") + 1] == "이"
+    assert " 어쩔" in pieces  # a coda fused into the stem's syllable is not a boundary
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=150, deadline=None)
+def test_pieces_tile_the_text(text):
+    assert "".join(morph.MorphSplitter().split(text)) == text
+    assert "".join(morph.pieces_by_pattern(text)) == text
+
+
+# ---- exact round trip ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", EXAMPLES)
+def test_round_trip_examples(shipped, trained, text):
+    for v in _lossless(shipped, trained):
+        assert v.decode(v.encode(text)) == text, v
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=120))
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_round_trip_arbitrary_unicode(shipped, trained, text):
+    for v in _lossless(shipped, trained):
+        ids = v.encode(text)
+        assert v.decode(ids) == text
+        assert all(3 <= i < v.vocab_size for i in ids) or "<extra_id_" in text
+
+
+def test_real_sentences_round_trip_and_batch_equals_single(shipped, lines):
+    batch = shipped.encode_batch(lines)
+    assert batch == [shipped.encode(s) for s in lines]
+    assert [shipped.decode(x) for x in batch] == lines
+
+
+# ---- id layout ----------------------------------------------------------------------------------------------------
+def test_special_and_sentinel_ids(shipped):
+    assert (shipped.pad_id, shipped.eos_id, shipped.unk_id) == (0, 1, 2)
+    assert shipped.vocab_size == 51200 and shipped.extra_ids == 100 and shipped.vocab_size % 128 == 0
+    assert shipped.encode("<extra_id_0>") == [51199]
+    assert shipped.encode("<extra_id_99>") == [51100]
+    assert shipped.decode([51199, 51100]) == "<extra_id_0><extra_id_99>"
+    ids = shipped.encode("지난 주 <extra_id_0> 파티에 <extra_id_1> 고마워")
+    assert 51199 in ids and 51198 in ids
+    # Out-of-range sentinel numbers and literal specials stay text; specials are never produced from text.
+    for text in ("<extra_id_100>", "<pad></s><unk>", "<extra_id_01>"):
+        ids = shipped.encode(text)
+        assert not {0, 1, 2} & set(ids) and max(ids) < shipped._base_vocab_size
+        assert shipped.decode(ids) == text
+
+
+def test_decode_stops_at_eos_and_maps_invalid_ids_to_unk(shipped):
+    ids = shipped.encode("안녕")
+    assert shipped.decode([0] + ids + [1] + ids) == "안녕"
+    assert shipped.decode([-5, 10**9]) == "\ufffd\ufffd"
+
+
+def test_sentencepiece_and_char_bpe_layout(trained):
+    sp, cb = trained["sentencepiece"], trained["char_bpe"]
+    assert (sp.pad_id, sp.eos_id, sp.unk_id, sp.vocab_size) == (0, 1, 2, 1300)
+    assert sp.tokenizer.piece_to_id("▁<extra_id_0>") == 1299
+    assert cb.encode("\U0001F996") == [2]  # an unseen character is <unk>: char_bpe is not lossless
+    assert cb.decode(cb.encode("마감이 잘")) == "마감이 잘"
+
+
+# ---- TensorFlow ---------------------------------------------------------------------------------------------------
+def test_encode_tf_decode_tf_match_python_in_tf_data(shipped, lines):
+    expected = shipped.encode_batch(lines)
+    ds = tf.data.Dataset.from_tensor_slices(lines)
+    single = ds.map(shipped.encode_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    assert single.element_spec.shape.as_list() == [None]
+    assert [x.numpy().tolist() for x in single] == expected
+    batched = ds.batch(32).map(shipped.encode_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    assert batched.element_spec.shape.as_list() == [None, None]
+    got = [row for b in batched for row in b.to_list()]
+    assert got == expected
+    decoded = single.map(shipped.decode_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    assert [x.numpy().decode("utf-8") for x in decoded] == lines
+    assert [x.decode("utf-8") for b in batched.map(shipped.decode_tf) for x in b.numpy()] == lines
+
+
+@given(st.lists(st.integers(-3, 51300), max_size=30))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_decode_tf_matches_python_on_any_ids(shipped, ids):
+    """Arbitrary ids include partial UTF-8 byte tokens: both paths replace them the same way."""
+    got = shipped.decode_tf(tf.constant(ids, tf.int32)).numpy().decode("utf-8") if ids else ""
+    assert got == shipped.decode(ids)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_non_utf8_bytes_raise_named_error(shipped):
+    with pytest.raises(vocab.VocabularyError, match="invalid UTF-8 byte 0xff at byte offset 3"):
+        shipped.encode(b"abc\xffdef")
+    with pytest.raises(vocab.VocabularyError, match="invalid UTF-8 byte 0xea at byte offset 0"):
+        shipped.encode_tf(tf.constant(b"\xea\xb0"))  # eager: the Python exception itself
+    ds = tf.data.Dataset.from_tensor_slices([b"ok", b"\xea\xb0"]).map(shipped.encode_tf)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="invalid UTF-8 byte 0xea"):
+        list(ds)  # in a pipeline: a failed op naming the cause, never a silently dropped example
+    with pytest.raises(vocab.VocabularyError, match="lone surrogate U\\+D800"):
+        shipped.encode("a\ud800")
+
+
+def test_empty_and_bytes_input(shipped):
+    assert shipped.encode("") == [] and shipped.decode([]) == ""
+    assert shipped.encode("마감이".encode()) == shipped.encode("마감이")
+    assert shipped.encode_tf(tf.constant([""])).to_list() == [[]]
+
+
+@pytest.mark.parametrize("unit", ["마감이 잘 안돼서 불편했어요! ", "가나다라마바사아자차카타파하"])
+def test_one_megabyte_line(shipped, unit):
+    text = unit * (1_000_000 // len(unit.encode()))
+    ids = shipped.encode(text)
+    assert shipped.decode(ids) == text and len(ids) > len(text) // 20
+
+
+def test_training_file_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("좋은 줄\n".encode() + b"\xed\x9f\n")
+    with pytest.raises(vocab.VocabularyError, match=r"bad.txt:2: invalid UTF-8 byte 0xed at byte offset 0"):
+        vocab.train([bad], 1024, "bbpe", tmp_path / "out")
+    with pytest.raises(vocab.VocabularyError, match="no such file"):
+        vocab.train([tmp_path / "missing.txt"], 1024, "bbpe", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt"]  # nothing half-written left
+
+
+def test_training_refuses_too_small_corpus_and_foreign_dirs(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("가나다\n", encoding="utf-8")
+    with pytest.raises(vocab.VocabularyError, match="supports only"):
+        vocab.train([small], 4096, "bbpe", tmp_path / "out")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("x")
+    with pytest.raises(vocab.VocabularyError, match="refusing to overwrite"):
+        vocab.train([small], 400, "bbpe", tmp_path / "foreign", min_frequency=1)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---- artifacts, gin, CLI, pickling ------------------------------------------------------------------------------
+def test_shipped_artifact_is_self_describing(shipped):
+    meta = vocab.read_meta(vocab.DEFAULT_DIR)
+    assert meta["variant"] == "morph_bbpe" and meta["base_vocab_size"] == 51100
+    assert "kiwipiepy" in meta["analyser"] and meta["training"]["command"].startswith("t5k vocab train")
+    assert sum(f.stat().st_size for f in vocab.DEFAULT_DIR.iterdir()) < 4_000_000
+
+
+def test_gin_selects_variant(trained):
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings(
+            [str(REPO / "gin/vocab/bbpe.gin")], [f"VOCAB_DIR = '{trained['bbpe'].path}'"])
+        assert vocab.get_vocabulary() == trained["bbpe"]
+        gin.clear_config()
+        gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/morph_bbpe.gin")], [])
+        assert vocab.get_vocabulary() is vocab.default_vocabulary()
+        gin.clear_config()
+        gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/char_bpe.gin")], [])
+        with pytest.raises(vocab.VocabularyError, match="no shipped char_bpe vocabulary"):
+            vocab.get_vocabulary()
+    finally:
+        gin.clear_config()
+
+
+def _cli(monkeypatch, capsys, argv, stdin: bytes):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    status = cli.main(argv)
+    return status, capsys.readouterr()
+
+
+def test_cli_encode_decode_pieces(monkeypatch, capsys, shipped):
+    text = "마감이 잘 안돼서\n<extra_id_0> ㅋㅋ\n"
+    status, out = _cli(monkeypatch, capsys, ["vocab", "encode"], text.encode())
+    assert status == 0
+    assert out.out.splitlines() == [" ".join(map(str, shipped.encode(t))) for t in text.splitlines()]
+    status, back = _cli(monkeypatch, capsys, ["vocab", "decode"], out.out.encode())
+    assert status == 0 and back.out == text
+    status, pieces = _cli(monkeypatch, capsys, ["vocab", "encode", "--pieces"], SEED.encode())
+    assert pieces.out.split()[:2] == ["마감", "이"]
+    status, err = _cli(monkeypatch, capsys, ["vocab", "encode"], b"ok\n\xff\n")
+    assert status == 2 and "stdin:2: invalid UTF-8" in err.err
+
+
+def test_pickle_round_trip(shipped):
+    clone = pickle.loads(pickle.dumps(shipped))
+    assert clone == shipped and clone.encode(SEED) == shipped.encode(SEED)
