@@ -1,0 +1,253 @@
+"""Vocabulary benchmark and ablation (docs/vocab.md shows the results).
+
+  python bench/vocab.py export --out DIR      # training text + held-out text from ../shared/data
+  python bench/vocab.py [--vocabs DIR...]     # throughput + ablation table; last line is JSON
+
+The export puts every 20th line of each source into held-out files (news, reviews, dialogue) and the rest into
+train.txt, so the shipped vocabulary never saw the benchmark's text. The benchmark compares the shipped
+morph_bbpe vocabulary with any others given (train them on the same train.txt: `--vocabs` takes their dirs).
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+HELD_OUT_EVERY = 20
+MAX_REVIEWS = 200_000
+
+
+def _jsonl(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def sources():
+    """(name, category, iterator of text lines) for the Korean prose and dialogue in shared/data."""
+    d = DATA
+    yield "wikinews", "news", (l for l in open(d / "boddari/wikinews.txt", encoding="utf-8").read().splitlines())
+    for name in ("book_review01", "fairytale01", "unesco_report"):
+        yield name, "prose", open(d / f"boddari/{name}.txt", encoding="utf-8").read().splitlines()
+    yield "koconovel", "prose", (l for r in _jsonl(d / "koconovel/text.jsonl") for l in r["text"].split("\n"))
+    yield "petitions", "prose", (l for p in sorted((d / "petitions").glob("*.jsonl.gz")) for r in _jsonl(p)
+                                 for l in (r["title"], *r["content"].split("\n")))
+    with gzip.open(d / "nsmc/raw_reviews.tsv.gz", "rt", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        yield "nsmc_raw", "reviews", [r[4] for _, r in zip(range(MAX_REVIEWS), rows) if len(r) > 4]
+    for name in ("hg_tods", "xpersona_ko"):
+        yield name, "dialogue", (t["text"] for r in _jsonl(d / f"{name}/sessions.jsonl.gz") for t in r["turns"])
+    with open(d / "chatbot_data/ChatbotData.csv", encoding="utf-8") as f:
+        yield "chatbot", "dialogue", [x for r in csv.DictReader(f) for x in (r["Q"], r["A"])]
+
+
+def export(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    held = {c: open(out / f"heldout_{c}.txt", "w", encoding="utf-8") for c in ("news", "reviews", "dialogue")}
+    counts = {}
+    with open(out / "train.txt", "w", encoding="utf-8") as train:
+        for name, category, lines in sources():
+            n = 0
+            for i, line in enumerate(l for l in lines if l.strip()):
+                line = line.replace("\r", "")
+                if i % HELD_OUT_EVERY == 0:
+                    if category in held:
+                        held[category].write(line + "\n")
+                else:
+                    train.write(line + "\n")
+                    n += len(line)
+            counts[name] = n
+    for f in held.values():
+        f.close()
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _load(path):
+    from t5k import vocab
+
+    return vocab.default_vocabulary() if path == "shipped" else vocab.get_vocabulary(
+        vocab.read_meta(path)["variant"], path, None)
+
+
+def _name(v):
+    return getattr(v, "variant", "sentencepiece")
+
+
+def _encode_all(v, lines):
+    return v.encode_batch(lines) if hasattr(v, "encode_batch") else [v.encode(l) for l in lines]
+
+
+def _unk_bytes(v, line, ids):
+    """Bytes of `line` that the ids stand for only as <unk>."""
+    if 2 not in ids:
+        return 0
+    if hasattr(v, "id_bytes"):
+        return len(line.encode()) - sum(len(v.id_bytes[i]) for i in ids if i != 2)
+    proto = v.tokenizer.encode(line, out_type="immutable_proto")
+    return sum(len(line[p.begin:p.end].encode()) for p in proto.pieces if p.id == 2) if proto.pieces else 0
+
+
+def ablation(v, lines, morphemes):
+    ids = _encode_all(v, lines)
+    tokens = sum(map(len, ids))
+    n_bytes = sum(len(l.encode()) for l in lines)
+    return {"tokens_per_char": round(tokens / sum(map(len, lines)), 4),
+            "tokens_per_eojeol": round(tokens / sum(len(l.split()) for l in lines), 4),
+            "unk_byte_rate": round(sum(_unk_bytes(v, l, x) for l, x in zip(lines, ids)) / n_bytes, 6),
+            "pieces_per_morpheme": round(tokens / morphemes, 4)}
+
+
+def _time_encode(v, lines):
+    t = time.perf_counter()
+    ids = _encode_all(v, lines)
+    return time.perf_counter() - t, sum(map(len, ids))
+
+
+def _worker(args):
+    path, lines = args
+    v = _load(path)
+    v.encode("가")  # load the analyser and the tokenizer outside the timing; the eojeol cache stays cold
+    cold = _time_encode(v, lines)
+    return cold, _time_encode(v, lines)
+
+
+def throughput(path, lines, procs):
+    """Fresh process per measurement (cold analyser cache), then a second pass over the same text (warm)."""
+    n_bytes = sum(len(l.encode()) + 1 for l in lines)
+    out = {}
+    for n in (1, procs):
+        chunks = [lines[i::n] for i in range(n)]
+        with mp.get_context("spawn").Pool(n) as pool:
+            res = pool.map(_worker, [(path, c) for c in chunks])
+        for k, phase in enumerate(("cold", "warm")):
+            wall = max(r[k][0] for r in res)
+            tokens = sum(r[k][1] for r in res)
+            out[f"{phase}_{n}proc"] = {"MB_per_s": round(n_bytes / wall / 1e6, 3), "tokens_per_s": round(tokens / wall)}
+    return out
+
+
+def tf_pipeline(v, lines, seconds=10.0):
+    """tokens/s of encode_tf in a tf.data map with AUTOTUNE (batched strings -> ragged ids)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(lines).repeat().batch(64)
+    ds = ds.map(v.encode_tf, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    tokens, start = 0, time.perf_counter()
+    for batch in ds:
+        tokens += int(batch.flat_values.shape[0])
+        if time.perf_counter() - start > seconds:
+            break
+    return round(tokens / (time.perf_counter() - start))
+
+
+def analysers(max_sentences=1000):
+    """Kiwi vs MeCab-ko: morpheme-boundary F1 against KLUE-DP gold, and µs per eojeol (analysed alone).
+
+    Gold: pure-Hangul eojeols whose gold morphemes spell the surface exactly (no restored lemmas).
+    """
+    from t5k import morph
+
+    with gzip.open(DATA / "klue/klue-dp-v1.1_dev.tsv.gz", "rt", encoding="utf-8") as f:
+        rows = [l.split("\t") for l in f if l[:1].isdigit()]
+    gold = {}
+    for r in rows:
+        word, parts = r[1], r[2].split()
+        if re.fullmatch("[가-힣]+", word) and "".join(parts) == word:
+            cuts, pos = set(), 0
+            for p in parts[:-1]:
+                pos += len(p)
+                cuts.add(pos)
+            gold[word] = cuts
+    words = sorted(gold)[: max_sentences * 4]
+
+    class _Tok:
+        def __init__(self, start, length):
+            self.start, self.len = start, length
+
+    analysers = {"kiwipiepy": lambda w: morph._cuts(morph._kiwi().tokenize(w), len(w))}
+    try:
+        import mecab
+
+        tagger = mecab.MeCab()
+        analysers["python-mecab-ko"] = lambda w: morph._cuts(
+            [_Tok(m.span.start, m.span.end - m.span.start) for m in tagger.parse(w)], len(w))
+    except ImportError:
+        pass
+    out = {}
+    for name, cut in analysers.items():
+        cut(words[0])
+        t = time.perf_counter()
+        found = {w: set(cut(w)) for w in words}
+        us = (time.perf_counter() - t) / len(words) * 1e6
+        tp = sum(len(found[w] & gold[w]) for w in words)
+        p, r = tp / max(1, sum(map(len, found.values()))), tp / max(1, sum(len(gold[w]) for w in words))
+        out[name] = {"boundary_f1": round(2 * p * r / (p + r), 4), "precision": round(p, 4), "recall": round(r, 4),
+                     "us_per_eojeol": round(us, 1), "eojeols": len(words)}
+    return out
+
+
+def cache_agreement(lines):
+    """How often per-eojeol analysis (what the cache allows) cuts like analysis in sentence context."""
+    from t5k import morph
+
+    split = morph.MorphSplitter()
+    agree = total = 0
+    for line in lines:
+        offsets, pos = set(), 0
+        for piece in split.split(line):
+            pos += len(piece)
+            offsets.add(pos)
+        context = set(morph.sentence_cuts(line))
+        letters = {i for i in range(1, len(line)) if line[i - 1].isalpha() and line[i].isalpha()}
+        a, b = offsets & letters, context & letters
+        agree += len(a & b)
+        total += len(a | b)
+    return round(agree / max(1, total), 4)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", nargs="?", default="bench", choices=("bench", "export"))
+    parser.add_argument("--out", default="/tmp/t5k_vocab_corpus", help="export directory / held-out text location")
+    parser.add_argument("--vocabs", nargs="*", default=[], help="more vocabulary dirs to compare (same train.txt)")
+    parser.add_argument("--procs", type=int, default=os.cpu_count())
+    parser.add_argument("--throughput_lines", type=int, default=4000)
+    args = parser.parse_args(argv)
+    corpus = Path(args.out)
+    if args.action == "export" or not (corpus / "heldout_news.txt").exists():
+        print("export:", export(corpus), file=sys.stderr)
+        if args.action == "export":
+            return
+    from t5k import morph
+
+    held = {c: (corpus / f"heldout_{c}.txt").read_text(encoding="utf-8").splitlines()[:1500]
+            for c in ("news", "reviews", "dialogue")}
+    morphemes = {c: sum(len(morph._kiwi().tokenize(l)) for l in ls) for c, ls in held.items()}
+    mixed = [l for ls in zip(*held.values()) for l in ls]
+    mixed = (mixed * (1 + args.throughput_lines // max(1, len(mixed))))[: args.throughput_lines]
+    result = {"analysers": analysers(), "cache_context_agreement": cache_agreement(held["news"][:150]),
+              "heldout_lines": {c: len(ls) for c, ls in held.items()}, "variants": {}}
+    for path in ["shipped", *args.vocabs]:
+        v = _load(path)
+        name = _name(v) + ("_shipped" if path == "shipped" else "")
+        row = {"vocab_size": v.vocab_size, "ablation": {c: ablation(v, ls, morphemes[c]) for c, ls in held.items()},
+               "throughput": throughput(path, mixed, args.procs), "tf_data_tokens_per_s": tf_pipeline(v, mixed)}
+        result["variants"][name] = row
+        print(name, json.dumps(row, ensure_ascii=False), file=sys.stderr)
+    print(json.dumps(result, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
