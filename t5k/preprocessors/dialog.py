@@ -1,0 +1,256 @@
+"""Dialog objectives on sessions (DialogCT5): next utterance prediction, utterance order reconstruction,
+single / multiple / partial utterance masking, with a corruption-rate curriculum.
+
+Session representation (one tf.data example per session)::
+
+    turn_tokens  RaggedTensor int32 [turns, (tokens)]   already tokenized utterances
+    speakers     int32 [turns]                           0 for the first speaker, 1 for the second, ...
+
+built from {"turns": [{"speaker", "text"}]} by `session_features` / `sessions_dataset`. A session is rendered
+as one token sequence, every utterance preceded by its speaker's tag::
+
+    A: 안녕 B: 응 안녕 A: 뭐해      (speaker_tags = [ids("A:"), ids("B:")], passed in as token-id sequences)
+
+The tags must be ids that never occur inside an utterance (reserved/special tokens of the real vocabulary),
+otherwise a rendered session cannot be parsed back. Masked spans become sentinels `<M0>`, `<M1>`, ... which are
+the vocabulary's `<extra_id_0>`, `<extra_id_1>`, ... (vocab_size - 1, vocab_size - 2, ...), as in T5.
+
+Every objective keeps the session recoverable from (inputs, targets): fill the sentinels in the inputs with the
+spans that follow the same sentinels in the targets (or read the targets, for order reconstruction), then split
+at the tags. Randomness and the curriculum step come from `example_index` / `step` (see curriculum.py), so the
+determinism contract of denoise.py holds here too.
+
+Bad input is filtered, not fatal (counted in a `DropCounter`): empty utterances are removed from their session
+("empty_turn", counted per turn), then sessions with fewer than two turns ("too_few_turns") or with more speakers
+than tags ("too_many_speakers") are dropped.
+"""
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from t5k.preprocessors.curriculum import INDEX_KEY, STEP_KEY, constant_rate
+from t5k.preprocessors.denoise import (
+    AUTOTUNE,
+    DropCounter,
+    sentinel_pair,
+    example_seed,
+    filter_with_count,
+    plain_graph,
+    random_spans_noise_mask,
+    subseed,
+    with_index,
+)
+
+SESSION_KEYS = ("turn_tokens", "speakers")
+RateFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sessions: Python side, cleaning, rendering
+# ----------------------------------------------------------------------------------------------------------
+
+
+def session_features(session: dict, encode: Callable[[str], Sequence[int]]) -> dict:
+    """{"turns": [{"speaker", "text"}]} -> {"turn_tokens": [[ids]], "speakers": [index]}.
+
+    Speakers are numbered by first appearance: the first to speak is 0 (tag A:), the next new one 1 (B:), ...
+    """
+    index: dict = {}
+    speakers = [index.setdefault(turn["speaker"], len(index)) for turn in session["turns"]]
+    return {"turn_tokens": [list(encode(turn["text"])) for turn in session["turns"]], "speakers": speakers}
+
+
+def sessions_dataset(sessions, encode: Callable[[str], Sequence[int]]) -> tf.data.Dataset:
+    """A tf.data dataset of session features from an iterable of session dicts (re-iterable for a re-run)."""
+
+    def generate():
+        for session in sessions:
+            features = session_features(session, encode)
+            turns = features["turn_tokens"]
+            values = np.array([t for turn in turns for t in turn], np.int32)
+            yield {
+                "turn_tokens": tf.RaggedTensor.from_row_lengths(values, np.array([len(t) for t in turns], np.int64)),
+                "speakers": np.array(features["speakers"], np.int32),
+            }
+
+    signature = {
+        "turn_tokens": tf.RaggedTensorSpec([None, None], tf.int32, ragged_rank=1),
+        "speakers": tf.TensorSpec([None], tf.int32),
+    }
+    return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+def clean_sessions(dataset: tf.data.Dataset, num_speaker_tags: int, counter: Optional[DropCounter] = None):
+    """Removes empty utterances, then drops sessions with < 2 turns or with more speakers than tags."""
+    empty_turns = counter.variable("empty_turn") if counter is not None else None
+
+    def drop_empty_turns(features):
+        nonempty = features["turn_tokens"].row_lengths() > 0  # [turns]
+        out = dict(features)
+        out["turn_tokens"] = tf.ragged.boolean_mask(features["turn_tokens"], nonempty)
+        out["speakers"] = tf.boolean_mask(features["speakers"], nonempty)
+        if empty_turns is None:
+            return out
+        num_empty = tf.reduce_sum(tf.cast(tf.logical_not(nonempty), tf.int64))
+        with tf.control_dependencies([empty_turns.assign_add(num_empty)]):
+            out["speakers"] = tf.identity(out["speakers"])
+        return out
+
+    dataset = dataset.map(plain_graph(drop_empty_turns), num_parallel_calls=AUTOTUNE)
+    dataset = filter_with_count(dataset, lambda ex: tf.size(ex["speakers"]) >= 2, "too_few_turns", counter)
+    return filter_with_count(
+        dataset, lambda ex: tf.reduce_max(ex["speakers"]) < num_speaker_tags, "too_many_speakers", counter)
+
+
+def session_prefixes(dataset: tf.data.Dataset, min_turns: int = 2) -> tf.data.Dataset:
+    """Expands each session into its prefixes of min_turns .. all turns (so next utterance prediction, which
+    predicts the last turn, trains on every position). Apply before `add_example_index`."""
+
+    def prefixes(features):
+        num_turns = tf.cast(tf.size(features["speakers"]), tf.int64)
+        ks = tf.data.Dataset.range(min_turns, num_turns + 1)
+        return ks.map(plain_graph(lambda k: {"turn_tokens": features["turn_tokens"][:k],
+                                             "speakers": features["speakers"][:k]}))
+
+    return dataset.flat_map(plain_graph(prefixes))
+
+
+def render(turn_tokens: tf.RaggedTensor, speakers, tags: tf.RaggedTensor):
+    """Flattens a session: tokens int32 [N] (tag + utterance per turn), is_tag bool [N], turn int32 [N].
+
+    turn_tokens [[11 12] [13]], speakers [0 1], tags [[3 4] [5 4]]
+      -> tokens [3 4 11 12 5 4 13], is_tag [1 1 0 0 1 1 0], turn [0 0 0 0 1 1 1]
+    """
+    turn_tokens = turn_tokens.with_row_splits_dtype(tf.int64)
+    turn_tags = tf.gather(tags.with_row_splits_dtype(tf.int64), speakers)  # ragged [turns, (tag)]
+    pieces = tf.concat([turn_tags, turn_tokens], axis=1)  # ragged [turns, (tag + utterance)]
+    is_tag = tf.concat([tf.ones_like(turn_tags, tf.bool), tf.zeros_like(turn_tokens, tf.bool)], axis=1)
+    return pieces.flat_values, is_tag.flat_values, tf.cast(pieces.value_rowids(), tf.int32)
+
+
+def _tags_constant(speaker_tags: Sequence[Sequence[int]]) -> tf.RaggedTensor:
+    values = np.array([t for tag in speaker_tags for t in tag], np.int32)
+    return tf.RaggedTensor.from_row_lengths(values, np.array([len(tag) for tag in speaker_tags], np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives: (turn_tokens, speakers, tags, seed, rate) -> {"inputs", "targets"}
+# ----------------------------------------------------------------------------------------------------------
+
+
+def next_utterance(turn_tokens, speakers, tags, seed, rate, vocab_size):
+    """Context with the next speaker's tag -> the last utterance.
+
+    A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "A: 안녕 B: 뭐해 A:", targets "밥 먹어".
+    """
+    del seed, rate, vocab_size
+    context, _, _ = render(turn_tokens[:-1], speakers[:-1], tags)
+    last_tag = tf.gather(tags, speakers[-1])
+    return {"inputs": tf.concat([context, last_tag], 0), "targets": turn_tokens[-1]}
+
+
+def utterance_order(turn_tokens, speakers, tags, seed, rate, vocab_size):
+    """Turns shuffled (each keeps its tag) -> the session in order.
+
+    A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "B: 뭐해 A: 밥 먹어 A: 안녕", targets "A: 안녕 B: 뭐해 A: 밥 먹어".
+    """
+    del rate, vocab_size
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(speakers)), seed)
+    shuffled, _, _ = render(tf.gather(turn_tokens, order), tf.gather(speakers, order), tags)
+    original, _, _ = render(turn_tokens, speakers, tags)
+    return {"inputs": shuffled, "targets": original}
+
+
+def single_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+    """One uniformly chosen utterance -> <M0>; its tag stays.
+
+    A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "A: 안녕 B: <M0> A: 밥 먹어", targets "<M0> 뭐해 <M1>".
+    """
+    del rate
+    tokens, is_tag, turn = render(turn_tokens, speakers, tags)
+    chosen = tf.random.stateless_uniform([], seed, 0, tf.size(speakers), dtype=tf.int32)
+    noise = tf.logical_and(tf.equal(turn, chosen), tf.logical_not(is_tag))
+    return sentinel_pair(tokens, noise, vocab_size)
+
+
+def multiple_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+    """round(rate * turns) utterances, clipped to [1, turns - 1], chosen at random -> <M0>, <M1>, ... in order.
+
+    A: 안녕 B: 뭐해 A: 밥 먹어 B: 맛있어?  (rate 0.5)
+      ->  inputs "A: <M0> B: 뭐해 A: <M1> B: 맛있어?", targets "<M0> 안녕 <M1> 밥 먹어 <M2>".
+    """
+    tokens, is_tag, turn = render(turn_tokens, speakers, tags)
+    num_turns = tf.size(speakers)
+    num_masked = tf.cast(tf.round(rate * tf.cast(num_turns, tf.float32)), tf.int32)
+    num_masked = tf.clip_by_value(num_masked, 1, num_turns - 1)
+    rank = tf.argsort(tf.random.stateless_uniform([num_turns], seed))  # a random order of the turns
+    masked_turn = tf.scatter_nd(rank[:num_masked, None], tf.ones([num_masked], tf.bool), [num_turns])
+    noise = tf.logical_and(tf.gather(masked_turn, turn), tf.logical_not(is_tag))
+    return sentinel_pair(tokens, noise, vocab_size)
+
+
+def make_partial_utterance_masking(mean_noise_span_length: float = 3.0):
+    """Spans inside utterances -> <M0>, <M1>, ...; the speaker tags stay visible.
+
+    The T5 span mask (rate, mean span length) is drawn over the utterance tokens of the whole session (rolled
+    at random, so the session's end is not always masked) and then laid out around the tags; a span that runs
+    over a turn boundary is cut by the tag into two sentinels.
+    A: 지난 주 너의 파티에 B: 초대해줘서 고마워 (mask on 너의, 초대해줘서)
+      ->  inputs "A: 지난 주 <M0> 파티에 B: <M1> 고마워", targets "<M0> 너의 <M1> 초대해줘서 <M2>".
+    """
+
+    def partial_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+        tokens, is_tag, _ = render(turn_tokens, speakers, tags)
+        utterance_noise = random_spans_noise_mask(
+            tf.size(turn_tokens.flat_values), rate, mean_noise_span_length, seed, random_roll=True)
+        positions = tf.where(tf.logical_not(is_tag))  # [utterance tokens, 1]
+        noise = tf.scatter_nd(positions, utterance_noise, tf.shape(tokens, out_type=tf.int64))
+        return sentinel_pair(tokens, noise, vocab_size)
+
+    return partial_utterance_masking
+
+
+partial_utterance_masking = make_partial_utterance_masking()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seqio-style preprocessor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dialog_objective(
+    dataset: tf.data.Dataset,
+    sequence_length,
+    output_features,
+    objective=partial_utterance_masking,
+    speaker_tags: Sequence[Sequence[int]] = (),
+    seed: int = 0,
+    rate_fn: Optional[RateFn] = None,
+    counter: Optional[DropCounter] = None,
+) -> tf.data.Dataset:
+    """Cleans sessions and maps a dialog `objective` over them; outputs inputs/targets (+ index/step).
+
+    `rate_fn(step)` is the corruption rate (used by multiple and partial utterance masking); a curriculum from
+    curriculum.py needs `step` on the examples (`add_example_index`), the constant default (0.15) does not.
+    In gin: dialog_objective.objective = @partial_utterance_masking, dialog_objective.rate_fn = @linear_rate.
+    """
+    del sequence_length
+    if not speaker_tags:
+        raise ValueError("speaker_tags: token ids of the speaker tags (A:, B:, ...) are required")
+    if rate_fn is not None and STEP_KEY not in dataset.element_spec:
+        raise ValueError("a rate curriculum needs the step: apply curriculum.add_example_index first")
+    rate_fn = rate_fn or constant_rate
+    vocab_size = output_features["targets"].vocabulary.vocab_size
+    tags = _tags_constant(speaker_tags)
+    dataset = clean_sessions(with_index(dataset), len(speaker_tags), counter)
+
+    def corrupt(features):
+        step = features.get(STEP_KEY, tf.constant(0, tf.int64))
+        out = {k: v for k, v in features.items() if k not in SESSION_KEYS}
+        out.update(objective(features["turn_tokens"], features["speakers"], tags,
+                             subseed(example_seed(seed, features[INDEX_KEY]), 7), rate_fn(step), vocab_size))
+        return out
+
+    return dataset.map(plain_graph(corrupt), num_parallel_calls=AUTOTUNE)
