@@ -316,7 +316,7 @@ def test_salient_features_from_the_analyser():
     features = dn.salient_features(text, lambda s: [ord(c) for c in s])  # one id per character
     assert "".join(chr(t) for t in features["targets"]) == text
     flagged = "".join(chr(t) if f else "_" for t, f in zip(features["targets"], features["salient_mask"]))
-    assert flagged == "2024년_3월_김철수__서울_____3,000원_____"
+    assert flagged == "2024년_3월_김철수__서울___3,000원____"
 
 
 # ----------------------------------------------------------------------------------------------------------
