@@ -1,8 +1,8 @@
 """The `t5k` command line: one subcommand per concern, each implemented in its own module.
 
-A subcommand module exposes `configure_parser(parser)` (adds its arguments) and `run(args) -> int`
-(the exit status). Modules are imported only when their subcommand runs, so `t5k vocab ...` never pays
-for importing jax, and `t5k params ...` never imports TensorFlow.
+A subcommand module exposes `configure_parser(parser)` (adds its arguments) and `run(args, bindings) -> int`
+(`bindings`: the `--gin.NAME=VALUE` flags, already split off argv, for commands configured by gin). Modules are
+imported only when their subcommand runs, so `t5k vocab …` never pays for importing jax.
 """
 
 import argparse
@@ -16,27 +16,33 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5k", description="Korean T5-family models in JAX/Flax.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(_module=module_name)
-        # Parsers are configured lazily below, once we know which subcommand was asked for.
-    return parser
+def _usage() -> str:
+    lines = ["usage: t5k COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if argv and argv[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[argv[0]][0])
-        sub = argparse.ArgumentParser(prog=f"t5k {argv[0]}", description=COMMANDS[argv[0]][1])
-        module.configure_parser(sub)
-        args = sub.parse_args(argv[1:])
-        return int(module.run(args) or 0)
-    parser.parse_args(argv)  # prints usage / errors for unknown commands
-    return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"t5k: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"t5k {command}", description=help_text)
+    module.configure_parser(parser)
+    from t5k.gin_utils import GinConfigError, split_gin_bindings
+
+    try:
+        bindings, rest = split_gin_bindings(rest)
+    except GinConfigError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    return int(module.run(args, bindings) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""Decoder-only language models: GPT-3 / HyperCLOVA style, T5.1.1-style blocks, causal LM and prefix LM.
+
+Inputs follow the seqio DecoderFeatureConverter / PrefixLM converter:
+
+    decoder_input_tokens      [batch, length]   int, 0 = padding
+    decoder_segment_ids       [batch, length]   packed batches only
+    decoder_positions         [batch, length]   packed batches only (absolute / rotary positions)
+    decoder_causal_attention  [batch, length]   prefix LM only: 1 on the prefix (the inputs), which then
+                                                attend to each other bidirectionally
+
+Output: float32 logits `[batch, length, vocab]`. Tied embeddings give `x @ embedding.T` unscaled (GPT).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from t5k.models import layers
+from t5k.models.config import TransformerConfig
+from t5k.models.layers import Array, constrain
+from t5k.models.stack import DecoderLayer, apply_layer_stack
+
+
+class DecoderOnly(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        decoder_input_tokens: Array,
+        decoder_segment_ids=None,
+        decoder_positions=None,
+        decoder_causal_attention=None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        tokens = decoder_input_tokens
+        length = tokens.shape[1]
+        init = nn.initializers.normal(stddev=cfg.embedding_stddev)
+        embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, embedding_init=init, name="token_embedder")
+        positions = decoder_positions
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        x = embedder(tokens)  # [batch, length, embed]
+        if cfg.position_embedding == "absolute":
+            if length > cfg.max_length:
+                raise ValueError(f"sequence length {length} exceeds the position table (max_length={cfg.max_length})")
+            x = x + layers.Embed(
+                cfg.max_length, cfg.d_model, table_axes=("abspos_buckets", "embed"), dtype=cfg.compute_dtype,
+                embedding_init=init, name="position_embedder",
+            )(positions)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = constrain(x, "batch", "length", "embed")
+
+        if decoder_causal_attention is None:
+            mask = layers.causal_mask(length)
+        else:
+            mask = layers.prefix_lm_mask(decoder_causal_attention)
+        if decoder_segment_ids is not None:
+            mask = mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+        bias = layers.mask_to_bias(mask)
+        if cfg.position_embedding == "relative":
+            # Causal buckets as in t5x, for the prefix LM too (its later-prefix offsets share bucket 0), so one
+            # checkpoint serves both masks.
+            arange = jnp.arange(length)
+            bias = bias + layers.RelativePositionBiases(
+                cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+                bidirectional=False, name="relpos_bias",
+            )(arange, arange)
+        x = apply_layer_stack(
+            cfg, DecoderLayer, cfg.num_decoder_layers, x, bias, positions, None, None,
+            deterministic=deterministic, cross_attention=False,
+        )
+        x = layers.make_norm(cfg, "final_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        if cfg.tie_embeddings:
+            logits = embedder.attend(x)
+        else:
+            logits = layers.DenseGeneral(
+                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.float32, name="logits_dense"
+            )(x)
+        return constrain(logits, "batch", "length", "vocab")  # [batch, length, vocab], float32

@@ -1,0 +1,386 @@
+"""Building blocks shared by the encoder-decoder and decoder-only models.
+
+Conventions
+- Parameters are float32 and created with logical axis names (`nn.with_logical_partitioning`), so the mesh
+  layout is decided by the axis rules in gin, never here. Names used: vocab, embed, mlp, heads, kv,
+  relpos_buckets, abspos_buckets (and `layers`, added by `nn.scan`).
+- Activations are computed in the configured dtype (bfloat16 by default); normalisation statistics, softmax and
+  logits in float32. Large activations are constrained with logical names (batch, length, embed, mlp, heads, kv)
+  so that, under a mesh, XLA keeps the intended layout instead of guessing.
+- Attention masks are boolean `[batch, 1, q_len, k_len]` and become an additive float32 bias once, at the stack
+  level; every layer receives the bias.
+"""
+
+import functools
+import operator
+from typing import Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from t5k.models.config import TransformerConfig
+
+Array = jax.Array
+
+# An additive bias this negative makes a softmax weight exactly 0 in float32, without the inf-inf NaNs that
+# -inf produces on fully masked rows (padding queries).
+MASK_BIAS = -1e10
+
+
+def constrain(x: Array, *logical_axes: Optional[str]) -> Array:
+    """Sharding constraint by logical names; a no-op outside a mesh / axis-rules context."""
+    return nn.with_logical_constraint(x, logical_axes)
+
+
+def fan_in_init(scale: float = 1.0, distribution: str = "truncated_normal", num_input_axes: int = 1):
+    """Variance-scaling initializer whose fan-in is the product of the leading `num_input_axes` dims.
+
+    jax's default assumes 2-D kernels; ours are `[embed, heads, kv]` or `[heads, kv, embed]`, where the fan-in
+    is embed or heads*kv respectively.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        inner = nn.initializers.variance_scaling(
+            scale,
+            "fan_in",
+            distribution,
+            in_axis=tuple(range(num_input_axes)),
+            out_axis=tuple(range(num_input_axes, len(shape))),
+        )
+        return inner(key, shape, dtype)
+
+    return init
+
+
+class DenseGeneral(nn.Module):
+    """A linear map contracting the trailing `in_features` dims of the input with a `[*in, *out]` kernel.
+
+    `kernel_axes` names every kernel dimension (input dims first). No bias unless `use_bias`. The input
+    shape is declared up front (rather than inferred at the first call) so that a parent can read the kernel
+    without calling the layer, which is what `fused_dense` needs.
+    """
+
+    in_features: Tuple[int, ...]
+    out_features: Tuple[int, ...]
+    kernel_axes: Tuple[str, ...]
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: Optional[Callable] = None
+
+    def setup(self):
+        kernel_shape = tuple(self.in_features) + tuple(self.out_features)
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}")
+        init = self.kernel_init or fan_in_init(num_input_axes=len(self.in_features))
+        self.kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape, jnp.float32)
+        if self.use_bias:
+            bias_axes = self.kernel_axes[len(self.in_features):]
+            self.bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), tuple(self.out_features), jnp.float32
+            )
+
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_features)
+        if x.shape[x.ndim - n_in:] != tuple(self.in_features):
+            raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {x.shape}")
+        contract = tuple(range(x.ndim - n_in, x.ndim))
+        y = lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            y = y + self.bias.astype(self.dtype)
+        return y
+
+
+def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
+    """Applies several DenseGeneral maps of the same input (one input dim each) as one matmul.
+
+    The kernels stay separate parameters (HF/t5x-compatible names); only the computation is fused over their
+    concatenation. On CPU one wide matmul runs markedly faster than several narrow ones, and concatenating
+    the weights is cheap next to the activations. Results equal the unfused ones (same contraction and dtype).
+    """
+    dtype = modules[0].dtype
+    out_shapes = [tuple(m.out_features) for m in modules]
+    kernel = jnp.concatenate([m.kernel.reshape(m.kernel.shape[0], -1) for m in modules], axis=1)  # [in, sum(out)]
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+    if modules[0].use_bias:
+        y = y + jnp.concatenate([m.bias.reshape(-1) for m in modules]).astype(dtype)
+    sizes = [int(np.prod(s)) for s in out_shapes]
+    parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
+    return tuple(p.reshape(p.shape[:-1] + s) for p, s in zip(parts, out_shapes))
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (x32 * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """GPT-style layer norm with scale and bias; statistics in float32."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features, jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features, jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def make_norm(config: TransformerConfig, name: str) -> nn.Module:
+    cls = RMSNorm if config.norm == "rms" else LayerNorm
+    return cls(epsilon=config.norm_epsilon, dtype=config.compute_dtype, name=name)
+
+
+class Embed(nn.Module):
+    """Token (or absolute position) embedding table `[num_embeddings, embed]`; `attend` gives tied logits."""
+
+    num_embeddings: int
+    features: int
+    table_axes: Tuple[str, str] = ("vocab", "embed")
+    dtype: jnp.dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, self.table_axes),
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{self.name}: embedding lookup needs integer ids, got {ids.dtype}")
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [..., embed]
+
+    def attend(self, x: Array) -> Array:
+        """`x @ embedding.T` in float32: `[..., embed] -> [..., num_embeddings]`."""
+        return jnp.einsum("...d,vd->...v", x.astype(jnp.float32), self.embedding)
+
+
+def relative_position_bucket(
+    relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
+    """Maps `memory_position - query_position` to T5's log-spaced buckets.
+
+    Half the buckets (per direction when bidirectional) hold exact small distances; the rest cover distances up
+    to `max_distance` logarithmically, and everything farther shares the last bucket. In the causal case,
+    future positions (positive offsets) fall in bucket 0 together with offset 0 — they are masked anyway.
+    """
+    ret = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # n is at least max_exact wherever the log value is used; clamping keeps log(0) out of the graph.
+    n_large = jnp.maximum(n, max_exact).astype(jnp.float32)
+    val_if_large = max_exact + (
+        jnp.log(n_large / max_exact) / np.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """T5 relative position bias: one `[heads, buckets]` table per stack, shared by all of its layers."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        """`[q_len]`, `[k_len]` int positions -> float32 bias `[1, heads, q_len, k_len]`."""
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets),
+            jnp.float32,
+        )
+        relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return jnp.take(table, buckets, axis=1)[None]  # [1, heads, q, k]
+
+
+def rotary_embedding(x: Array, positions: Array, base: float) -> Array:
+    """Rotary position embedding (rotate-half form) of `x: [batch, length, heads, head_dim]`.
+
+    `positions: [batch, length]`. Computed in float32 and cast back.
+    """
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))  # [head_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with an additive float32 bias (masks and position biases).
+
+    T5 folds the 1/sqrt(head_dim) logit scaling into the query initializer (`scale_attention_logits=False`);
+    GPT scales at run time.
+    """
+
+    config: TransformerConfig
+    is_self_attention: bool = True
+
+    def setup(self):
+        cfg = self.config
+        dense = functools.partial(
+            DenseGeneral,
+            in_features=(cfg.d_model,),
+            out_features=(cfg.num_heads, cfg.head_dim),
+            kernel_axes=("embed", "heads", "kv"),
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+        )
+        query_scale = 1.0 if cfg.scale_attention_logits else 1.0 / cfg.head_dim
+        self.query = dense(kernel_init=fan_in_init(scale=query_scale), name="query")
+        self.key = dense(name="key")
+        self.value = dense(name="value")
+        self.out = DenseGeneral(
+            in_features=(cfg.num_heads, cfg.head_dim),
+            out_features=(cfg.d_model,),
+            kernel_axes=("heads", "kv", "embed"),
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            name="out",
+        )
+        self.dropout = nn.Dropout(rate=cfg.dropout_rate)
+
+    def project_qkv(self, inputs_q: Array, inputs_kv: Array):
+        cfg = self.config
+        if cfg.fuse_projections and self.is_self_attention:
+            return fused_dense([self.query, self.key, self.value], inputs_q)
+        if cfg.fuse_projections:
+            return (self.query(inputs_q),) + fused_dense([self.key, self.value], inputs_kv)
+        return self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
+
+    def __call__(
+        self,
+        inputs_q: Array,  # [batch, q_len, embed]
+        inputs_kv: Array,  # [batch, k_len, embed]
+        bias: Array,  # [batch or 1, heads or 1, q_len, k_len], float32
+        deterministic: bool = True,
+        query_positions: Optional[Array] = None,  # [batch, q_len], rotary only
+        key_positions: Optional[Array] = None,  # [batch, k_len], rotary only
+    ) -> Array:
+        cfg = self.config
+        query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
+        query = constrain(query, "batch", "length", "heads", "kv")
+        key = constrain(key, "batch", "length", "heads", "kv")
+        value = constrain(value, "batch", "length", "heads", "kv")
+        if cfg.position_embedding == "rotary":
+            query = rotary_embedding(query, query_positions, cfg.rotary_base)
+            key = rotary_embedding(key, key_positions, cfg.rotary_base)
+        if cfg.scale_attention_logits:
+            query = query * jnp.asarray(cfg.head_dim**-0.5, query.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits + bias, axis=-1)  # [batch, heads, q, k], float32
+        weights = self.dropout(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.compute_dtype), value)
+        out = constrain(out, "batch", "length", "heads", "kv")
+        return self.out(out)  # [batch, q_len, embed]
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=True),  # T5.1.1 / GPT-2 'gelu_new'
+        "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "linear": lambda x: x,
+    }[name]
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: `wo(prod_i act_i(wi_i x))`; two activations ('gelu', 'linear') make gated GELU."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        names = ["wi"] if len(cfg.mlp_activations) == 1 else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
+        self.wi = [
+            DenseGeneral(
+                (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name=n
+            )
+            for n in names
+        ]
+        self.wo = DenseGeneral(
+            (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="wo"
+        )
+        self.dropout = nn.Dropout(rate=cfg.dropout_rate)
+
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        if cfg.fuse_projections and len(self.wi) > 1:
+            hidden = fused_dense(self.wi, x)
+        else:
+            hidden = [wi(x) for wi in self.wi]
+        h = functools.reduce(operator.mul, [activation_fn(a)(h) for a, h in zip(cfg.mlp_activations, hidden)])
+        h = constrain(h, "batch", "length", "mlp")  # [batch, length, mlp]
+        h = self.dropout(h, deterministic=deterministic)
+        return self.wo(h)  # [batch, length, embed]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks. All return boolean [batch, 1, q_len, k_len]; `mask_to_bias` turns them into the additive float32 bias.
+
+
+def key_padding_mask(key_tokens: Array) -> Array:
+    """`[batch, 1, 1, k_len]`: True on real keys (id > 0).
+
+    Only keys are masked: a padded query's output is never read (cross-attention masks padded encoder keys,
+    the loss masks padded targets), and masking keys alone keeps the mask `k_len` small instead of `q*k`.
+    """
+    return (key_tokens > 0)[:, None, None, :]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """True where query and key belong to the same packed example: `[batch, 1, q_len, k_len]`."""
+    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
+
+
+def causal_mask(length: int) -> Array:
+    """`[1, 1, length, length]` lower-triangular."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def prefix_lm_mask(causal_attention: Array) -> Array:
+    """Causal mask opened up to full attention among prefix positions (`causal_attention` = 1 on the prefix)."""
+    prefix = causal_attention.astype(bool)
+    bidirectional = (prefix[:, :, None] & prefix[:, None, :])[:, None]
+    return causal_mask(causal_attention.shape[1]) | bidirectional
+
+
+def mask_to_bias(mask: Array) -> Array:
+    return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
