@@ -5,7 +5,6 @@ import functools
 
 import numpy as np
 import pytest
-import seqio
 import tensorflow as tf
 
 from t5k.preprocessors import curriculum
@@ -40,7 +39,7 @@ def session_source(n, start=0):
 
 def originals(n, start=0):
     """The rendered sessions in numpy, with their turn counts."""
-    ds = session_source(n, start).map(lambda s: {"rendered": dl.render(s["turn_tokens"], s["speakers"], dl._tags_constant(TAGS))[0],
+    ds = session_source(n, start).map(lambda s: {"rendered": dl.render(s["turn_tokens"], s["speakers"], dl.speaker_tags_tensor(TAGS))[0],
                                           "turns": tf.size(s["speakers"])})
     return [(ex["rendered"], int(ex["turns"])) for ex in collect(ds, ("rendered", "turns"))]
 
@@ -81,7 +80,7 @@ def run(objective, n=N, **kwargs):
 
 
 def test_render_and_parse():
-    tokens, is_tag, turn = dl.render(tf.ragged.constant([[11, 12], [13]]), tf.constant([0, 1]), dl._tags_constant(TAGS))
+    tokens, is_tag, turn = dl.render(tf.ragged.constant([[11, 12], [13]]), tf.constant([0, 1]), dl.speaker_tags_tensor(TAGS))
     assert_equal(tokens.numpy(), np.array([3, 4, 11, 12, 5, 4, 13]))
     assert_equal(is_tag.numpy(), np.array([1, 1, 0, 0, 1, 1, 0], bool))
     assert_equal(turn.numpy(), np.array([0, 0, 0, 0, 1, 1, 1]))
@@ -91,7 +90,7 @@ def test_render_and_parse():
 def test_seed_example_inside_a_dialog():
     # A: 지난 주 너의 파티에 B: 초대해줘서 고마워 -> A: 지난 주 <M0> 파티에 B: <M1> 고마워 / <M0> 너의 <M1> 초대해줘서 <M2>
     tokens, is_tag, _ = dl.render(tf.ragged.constant([[11, 12, 13, 14], [15, 16]]), tf.constant([0, 1]),
-                                  dl._tags_constant(TAGS))
+                                  dl.speaker_tags_tensor(TAGS))
     noise = tf.constant([0, 0, 0, 0, 1, 0, 0, 0, 1, 0]) > 0
     out = dn.sentinel_pair(tokens, noise, V)
     m0, m1, m2 = V - 1, V - 2, V - 3

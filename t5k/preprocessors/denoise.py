@@ -245,6 +245,7 @@ def noise_spans_after_sentinels(tokens, noise_mask, vocab_size: int) -> tf.Tenso
 
 
 def sentinel_pair(tokens, noise_mask, vocab_size):
+    """{"inputs", "targets"} of a sentinel-corrupting objective, given its noise mask."""
     return {
         "inputs": noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size),
         "targets": noise_spans_after_sentinels(tokens, noise_mask, vocab_size),

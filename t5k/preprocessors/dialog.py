@@ -130,7 +130,8 @@ def render(turn_tokens: tf.RaggedTensor, speakers, tags: tf.RaggedTensor):
     return pieces.flat_values, is_tag.flat_values, tf.cast(pieces.value_rowids(), tf.int32)
 
 
-def _tags_constant(speaker_tags: Sequence[Sequence[int]]) -> tf.RaggedTensor:
+def speaker_tags_tensor(speaker_tags: Sequence[Sequence[int]]) -> tf.RaggedTensor:
+    """Speaker tag ids as a RaggedTensor [speakers, (tag tokens)], the `tags` argument of `render`."""
     values = np.array([t for tag in speaker_tags for t in tag], np.int32)
     return tf.RaggedTensor.from_row_lengths(values, np.array([len(tag) for tag in speaker_tags], np.int64))
 
@@ -243,7 +244,7 @@ def dialog_objective(
         raise ValueError("a rate curriculum needs the step: apply curriculum.add_example_index first")
     rate_fn = rate_fn or constant_rate
     vocab_size = output_features["targets"].vocabulary.vocab_size
-    tags = _tags_constant(speaker_tags)
+    tags = speaker_tags_tensor(speaker_tags)
     dataset = clean_sessions(with_index(dataset), len(speaker_tags), counter)
 
     def corrupt(features):
