@@ -36,7 +36,15 @@ def _tokens(rng, batch, length, vocab, min_len=1):
 
 
 def _init(model, *args):
-    return nn.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])
+    return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *args)["params"])
+
+
+def _apply(model, params, *args, **kwargs):
+    """Jitted `model.apply` (eager flax dispatch is ~10x slower than compiling these tiny models)."""
+    static = {k: kwargs.pop(k) for k in ("deterministic",) if k in kwargs}
+    rngs = kwargs.pop("rngs", None)
+    fn = jax.jit(lambda p, a, kw, r: model.apply({"params": p}, *a, rngs=r, **kw, **static))
+    return fn(params, args, kwargs, rngs)
 
 
 # ---------------------------------------------------------------------------------------------------- presets
@@ -130,8 +138,8 @@ def test_scanned_equals_unrolled(model_cls, config):
     # The stacked layout must be exactly what the scanned model itself creates.
     expected = jax.tree_util.tree_map(lambda x: x.shape, _init(scanned, *args))
     assert jax.tree_util.tree_map(lambda x: x.shape, stacked) == expected
-    out_unrolled = unrolled.apply({"params": params}, *args)
-    out_scanned = scanned.apply({"params": stacked}, *args)
+    out_unrolled = _apply(unrolled, params, *args)
+    out_scanned = _apply(scanned, stacked, *args)
     np.testing.assert_allclose(out_scanned, out_unrolled, atol=1e-5, rtol=0)
     # And back.
     jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_layer_params(stacked), params)
@@ -149,8 +157,8 @@ def test_remat_policies_do_not_change_outputs_or_gradients(policy, scan):
     def loss(model, p):
         return jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, enc, dec))[..., 3])
 
-    l0, g0 = jax.value_and_grad(lambda p: loss(base, p))(params)
-    l1, g1 = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g1, g0)
 
@@ -162,7 +170,7 @@ def test_fused_projections_equal_separate_ones():
     params = _init(fused, enc, dec)
     separate = EncoderDecoder(TINY_T5.replace(fuse_projections=False))
     np.testing.assert_allclose(
-        fused.apply({"params": params}, enc, dec), separate.apply({"params": params}, enc, dec), atol=1e-5
+        _apply(fused, params, enc, dec), _apply(separate, params, enc, dec), atol=1e-5
     )
 
 
@@ -175,8 +183,8 @@ def test_padding_does_not_change_real_positions():
     enc = jnp.asarray(rng.integers(1, 97, (1, 8)), jnp.int32)
     dec = jnp.asarray(np.concatenate([[[0]], rng.integers(1, 97, (1, 5))], axis=1), jnp.int32)
     params = _init(model, enc, dec)
-    short = model.apply({"params": params}, enc, dec)
-    long = model.apply({"params": params}, jnp.pad(enc, ((0, 0), (0, 7))), jnp.pad(dec, ((0, 0), (0, 4))))
+    short = _apply(model, params, enc, dec)
+    long = _apply(model, params, jnp.pad(enc, ((0, 0), (0, 7))), jnp.pad(dec, ((0, 0), (0, 4))))
     np.testing.assert_allclose(long[:, :6], short, atol=1e-5)
 
 
@@ -197,8 +205,8 @@ def test_packed_batch_equals_separate_examples():
         encoder_segment_ids=packed([1] * 5, [2] * 7), decoder_segment_ids=packed([1] * 4, [2] * 5),
         encoder_positions=packed(range(5), range(7)), decoder_positions=packed(range(4), range(5)),
     )
-    alone_a = model.apply({"params": params}, packed(enc_a), packed(dec_a))
-    alone_b = model.apply({"params": params}, packed(enc_b), packed(dec_b))
+    alone_a = _apply(model, params, packed(enc_a), packed(dec_a))
+    alone_b = _apply(model, params, packed(enc_b), packed(dec_b))
     np.testing.assert_allclose(logits[:, :4], alone_a, atol=1e-5)
     np.testing.assert_allclose(logits[:, 4:], alone_b, atol=1e-5)
 
@@ -217,8 +225,8 @@ def test_packed_decoder_only_equals_separate_examples(position_embedding):
         {"params": params}, row(a, b), decoder_segment_ids=row([1] * 6, [2] * 5),
         decoder_positions=row(range(6), range(5)),
     )
-    np.testing.assert_allclose(logits[:, :6], model.apply({"params": params}, row(a)), atol=1e-5)
-    np.testing.assert_allclose(logits[:, 6:], model.apply({"params": params}, row(b)), atol=1e-5)
+    np.testing.assert_allclose(logits[:, :6], _apply(model, params, row(a)), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 6:], _apply(model, params, row(b)), atol=1e-5)
 
 
 def test_causal_lm_never_looks_ahead():
@@ -226,10 +234,10 @@ def test_causal_lm_never_looks_ahead():
     model = DecoderOnly(TINY_T5.replace(num_encoder_layers=0))
     tokens = jnp.asarray(rng.integers(1, 97, (2, 10)), jnp.int32)
     params = _init(model, tokens)
-    full = model.apply({"params": params}, tokens)
+    full = _apply(model, params, tokens)
     changed = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % 96 + 1)
-    np.testing.assert_allclose(model.apply({"params": params}, changed)[:, :6], full[:, :6], atol=1e-6)
-    assert not np.allclose(model.apply({"params": params}, changed)[:, 6:], full[:, 6:])
+    np.testing.assert_allclose(_apply(model, params, changed)[:, :6], full[:, :6], atol=1e-6)
+    assert not np.allclose(_apply(model, params, changed)[:, 6:], full[:, 6:])
 
 
 def test_prefix_lm_attends_bidirectionally_inside_the_prefix_only():
@@ -238,18 +246,18 @@ def test_prefix_lm_attends_bidirectionally_inside_the_prefix_only():
     tokens = jnp.asarray(rng.integers(1, 97, (1, 10)), jnp.int32)
     prefix = jnp.asarray([[1] * 4 + [0] * 6], jnp.int32)
     params = _init(model, tokens)
-    base = model.apply({"params": params}, tokens, decoder_causal_attention=prefix)
+    base = _apply(model, params, tokens, decoder_causal_attention=prefix)
     # Changing prefix token 3 changes position 1 (bidirectional prefix) ...
     changed_prefix = tokens.at[0, 3].set(tokens[0, 3] % 96 + 1)
-    out = model.apply({"params": params}, changed_prefix, decoder_causal_attention=prefix)
+    out = _apply(model, params, changed_prefix, decoder_causal_attention=prefix)
     assert not np.allclose(out[:, 1], base[:, 1])
     # ... but a change after the prefix never reaches earlier positions.
     changed_target = tokens.at[0, 7].set(tokens[0, 7] % 96 + 1)
-    out = model.apply({"params": params}, changed_target, decoder_causal_attention=prefix)
+    out = _apply(model, params, changed_target, decoder_causal_attention=prefix)
     np.testing.assert_allclose(out[:, :7], base[:, :7], atol=1e-6)
     # Without the prefix mask the model is a plain causal LM: position 1 ignores position 3.
-    causal = model.apply({"params": params}, changed_prefix)
-    np.testing.assert_allclose(causal[:, 1], model.apply({"params": params}, tokens)[:, 1], atol=1e-6)
+    causal = _apply(model, params, changed_prefix)
+    np.testing.assert_allclose(causal[:, 1], _apply(model, params, tokens)[:, 1], atol=1e-6)
 
 
 def test_relative_position_buckets_match_hand_computed_values():
@@ -275,7 +283,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     enc = jnp.ones((2, 5), jnp.int32)
     params = _init(model, enc, enc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
-    logits = model.apply({"params": params}, enc, enc)
+    logits = _apply(model, params, enc, enc)
     assert logits.dtype == jnp.float32
     reference = EncoderDecoder(TINY_T5).apply({"params": params}, enc, enc)
     np.testing.assert_allclose(logits, reference, atol=0.1, rtol=0.05)
@@ -285,9 +293,9 @@ def test_dropout_is_active_only_when_not_deterministic():
     model = EncoderDecoder(TINY_T5.replace(dropout_rate=0.3))
     enc = jnp.ones((2, 5), jnp.int32)
     params = _init(model, enc, enc)
-    a = model.apply({"params": params}, enc, enc, deterministic=True)
-    b = model.apply({"params": params}, enc, enc, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-    c = model.apply({"params": params}, enc, enc, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    a = _apply(model, params, enc, enc, deterministic=True)
+    b = _apply(model, params, enc, enc, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    c = _apply(model, params, enc, enc, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
     assert not np.allclose(a, b) and not np.allclose(b, c)
 
 
@@ -302,7 +310,7 @@ def test_shared_encoder_decoder_shares_all_but_cross_attention():
     encoder_layers = sum(x.size for k, v in separate["encoder"].items() if k.startswith("layers_")
                          for x in jax.tree_util.tree_leaves(v))
     assert n_shared == n_separate - encoder_layers
-    assert model.apply({"params": params}, enc, enc).shape == (2, 5, 97)
+    assert _apply(model, params, enc, enc).shape == (2, 5, 97)
 
 
 def test_bad_config_and_inputs_raise_named_errors():
