@@ -9,6 +9,7 @@ while an activation `[batch, length, embed]` has already spent `data` on `batch`
 to the next rule, `embed → None`.
 """
 
+import contextlib
 from typing import Any, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -101,3 +102,11 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int = 2) -> NamedShard
     """Sharding of a `[batch, length, ...]` input array: batch by the `batch` rule, the rest replicated."""
     logical = PartitionSpec("batch", *([None] * (ndim - 1)))
     return logical_to_sharding(logical, mesh, rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules):
+    """Makes `mesh` and `rules` current: inside, the models' logical constraints become real sharding
+    constraints (outside any mesh they are no-ops, which is what single-device code wants)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
