@@ -1,0 +1,121 @@
+"""Dialog tasks on the embedded MIT sessions (HG-TODS + XPersona-ko): DialogCT5's pre-training objectives and the
+dialog downstream tasks.
+
+Objectives (t5k.preprocessors.dialog), speaker tags " A: " / " B: " (text, as in DialogCT5's slides):
+
+| task | objective |
+|---|---|
+| ko_dialog_next_utterance | context + next speaker's tag -> last utterance (over every session prefix) |
+| ko_dialog_utterance_order | shuffled turns -> the session in order |
+| ko_dialog_single_masking | one utterance -> <extra_id_0> |
+| ko_dialog_multiple_masking | round(0.15 * turns) utterances -> sentinels |
+| ko_dialog_partial_masking | spans inside utterances (rate 0.15, mean span 3) -> sentinels |
+| ko_dialog_partial_masking_curriculum | same, rate = linear_rate(step) (gin: linear_rate.r0/r1/num_steps) |
+
+Downstream (text to text, split by session id; metrics BLEU + ROUGE):
+
+| task | inputs -> targets |
+|---|---|
+| ko_dialog_response | `대화 응답: A: … B: … A:` -> the next utterance (every prefix of >= 2 turns) |
+| ko_dialog_infilling | `대화 빈칸: A: … B: <extra_id_0> A: …` -> the hidden utterance (one per session, by crc32) |
+| ko_dialog_summarization | `대화 요약: <XPersona session>` -> speaker B's persona sentences (the only openly licensed
+  Korean dialog-to-summary pairs here) |
+"""
+
+import functools
+import zlib
+from typing import List
+
+import seqio
+
+from t5k import metrics
+from t5k.preprocessors import curriculum
+from t5k.preprocessors import dialog as dialog_objectives
+from t5k_tasks import corpora
+from t5k_tasks.downstream import TASKS, register as register_text, text_postprocessor
+from t5k_tasks.pipeline import index_examples, seeded
+from t5k_tasks.pretraining import OUTPUT_FEATURES, VOCAB
+
+TAG_TEXT = (" A: ", " B: ")
+SPEAKER_TAGS = [VOCAB.encode(t) for t in TAG_TEXT]
+SESSIONS = corpora.SessionSource(lambda: list(corpora.SESSION_FILES.values()), VOCAB, name="dialog")
+
+
+def _prefixes(dataset, sequence_length=None, output_features=None):
+    del sequence_length, output_features
+    return dialog_objectives.session_prefixes(dataset)
+
+
+def register_objective(name: str, objective, expand_prefixes: bool = False, rate_fn=None):
+    steps = [_prefixes] if expand_prefixes else []
+    steps += [index_examples,
+              seeded(dialog_objectives.dialog_objective, salt=name, objective=objective, speaker_tags=SPEAKER_TAGS,
+                     rate_fn=rate_fn),
+              seqio.preprocessors.append_eos_after_trim]
+    return seqio.TaskRegistry.add(name, source=SESSIONS, preprocessors=steps, output_features=OUTPUT_FEATURES,
+                                  shuffle_buffer_size=None, metric_fns=[])
+
+
+register_objective("ko_dialog_next_utterance", dialog_objectives.next_utterance, expand_prefixes=True)
+register_objective("ko_dialog_utterance_order", dialog_objectives.utterance_order)
+register_objective("ko_dialog_single_masking", dialog_objectives.single_utterance_masking)
+register_objective("ko_dialog_multiple_masking", dialog_objectives.multiple_utterance_masking)
+register_objective("ko_dialog_partial_masking", dialog_objectives.partial_utterance_masking)
+register_objective("ko_dialog_partial_masking_curriculum", dialog_objectives.partial_utterance_masking,
+                   rate_fn=curriculum.linear_rate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downstream
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _speaker_tags(session: corpora.Session) -> List[str]:
+    index: dict = {}
+    return [TAG_TEXT[min(index.setdefault(s, len(index)), 1)].strip() for s, _ in session.turns]
+
+
+def render(session: corpora.Session, upto: int = None, hide: int = None) -> str:
+    tags = _speaker_tags(session)
+    parts = []
+    for k, (_, text) in enumerate(session.turns[:upto]):
+        parts.append(f"{tags[k]} {'<extra_id_0>' if k == hide else text}")
+    return " ".join(parts)
+
+
+def response_records(split: str) -> List[dict]:
+    out = []
+    for s in SESSIONS.sessions()[split]:
+        tags = _speaker_tags(s)
+        for k in range(1, len(s.turns)):
+            out.append({"inputs": f"대화 응답: {render(s, k)} {tags[k]}", "targets": s.turns[k][1]})
+    return out
+
+
+def infilling_records(split: str) -> List[dict]:
+    out = []
+    for s in SESSIONS.sessions()[split]:
+        hide = zlib.crc32(s.id.encode()) % len(s.turns)
+        out.append({"inputs": f"대화 빈칸: {render(s, hide=hide)}", "targets": s.turns[hide][1]})
+    return out
+
+
+def summarization_records(split: str) -> List[dict]:
+    out = []
+    for s in SESSIONS.sessions()[split]:
+        persona = s.extra.get("persona_B")
+        if isinstance(persona, list) and persona:
+            out.append({"inputs": f"대화 요약: {render(s)}", "targets": " ".join(str(p) for p in persona)})
+    return out
+
+
+def generation_metrics(targets, predictions):
+    return {**metrics.bleu(targets, predictions, "char"), **metrics.rouge(targets, predictions)}
+
+
+register_text("ko_dialog_response", response_records, text_postprocessor, [generation_metrics],
+              "dialog response generation: context + next tag -> utterance")
+register_text("ko_dialog_infilling", infilling_records, text_postprocessor, [generation_metrics],
+              "dialog in-filling: one utterance hidden -> that utterance")
+register_text("ko_dialog_summarization", summarization_records, text_postprocessor, [generation_metrics],
+              "dialog summarization proxy: XPersona session -> speaker B's persona")

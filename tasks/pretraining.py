@@ -1,0 +1,76 @@
+"""Pre-training tasks on prose: span corruption (CT5) and the rest of the T5 objective family, UL2, plain LM.
+
+Documents come from `corpora.pretraining_files()` (the embedded prose unless T5K_PRETRAIN_FILES / gin say
+otherwise), are tokenized once into the token cache, concatenated in the seeded stream order and cut into chunks
+(`pipeline.concat_and_split`), then corrupted by the objectives of t5k.preprocessors.denoise.
+
+| task | objective | chunk (raw tokens) | lengths that fit |
+|---|---|---|---|
+| ko_span_corruption | T5 span corruption 0.15 / 3 | raw_length_for_inputs(inputs): 568 for 512 | 512/114, 128/32 |
+| ko_span_corruption_from_text | same, tokenizing on the fly (no cache) | same | same |
+| ko_span_corruption_{wikinews,book_review,fairytale} | same, one embedded corpus each (mixtures) | same | same |
+| ko_prefix_lm, ko_bert_mlm, ko_deshuffle, ko_iid_replace_span, ko_iid_drop_tokens, ko_ul2 | see denoise.py | inputs - 1 | targets = inputs for MLM/deshuffle |
+| ko_lm | decoder-only LM (targets only) | targets - 1 | any |
+"""
+
+import functools
+
+import seqio
+
+from t5k.preprocessors import denoise
+from t5k.vocab import default_vocabulary
+from t5k_tasks import corpora
+from t5k_tasks.pipeline import FIXED_LENGTH_TASKS, concat_and_split, index_examples, seeded, tokenize_batched
+
+VOCAB = default_vocabulary()
+OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(VOCAB, add_eos=True, required=False),
+    "targets": seqio.Feature(VOCAB, add_eos=True),
+}
+LM_FEATURES = {"targets": seqio.Feature(VOCAB, add_eos=True)}
+UL2_MODE_TOKENS = {mode: VOCAB.encode(mode) for mode in ("[NLU]", "[NLG]", "[S2S]")}
+
+PROSE = corpora.DocumentSource(corpora.pretraining_files, VOCAB, tokenized=True, name="prose")
+PROSE_TEXT = corpora.DocumentSource(corpora.pretraining_files, VOCAB, tokenized=False, name="prose")
+CORPUS_SOURCES = {
+    name: corpora.DocumentSource(lambda path=path: [path], VOCAB, tokenized=True, name=f"prose_{name}")
+    for name, path in corpora.PROSE_FILES.items()
+}
+
+
+def _chunks(mode: str):
+    return concat_and_split if mode == "span_corruption" else functools.partial(concat_and_split, length_key=mode)
+
+
+def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
+             fixed_length: bool = False, **kwargs) -> seqio.Task:
+    steps = []
+    if source is PROSE_TEXT:
+        steps.append(functools.partial(tokenize_batched, text_key="text"))
+    steps += [_chunks(chunk), index_examples, seeded(preprocessor, salt=name, **kwargs),
+              seqio.preprocessors.append_eos_after_trim]
+    task = seqio.TaskRegistry.add(name, source=source, preprocessors=steps, output_features=features,
+                                  shuffle_buffer_size=None, metric_fns=[])
+    if fixed_length:
+        FIXED_LENGTH_TASKS.add(name)
+    return task
+
+
+def _lm(dataset, sequence_length, output_features, seed=0):
+    del sequence_length, output_features, seed
+    return dataset
+
+
+register("ko_span_corruption", denoise.span_corruption, chunk="span_corruption", fixed_length=True)
+register("ko_span_corruption_from_text", denoise.span_corruption, source=PROSE_TEXT, chunk="span_corruption",
+         fixed_length=True)
+for _name, _source in CORPUS_SOURCES.items():
+    register(f"ko_span_corruption_{_name}", denoise.span_corruption, source=_source, chunk="span_corruption",
+             fixed_length=True)
+register("ko_prefix_lm", denoise.prefix_lm)
+register("ko_bert_mlm", denoise.bert_mlm)
+register("ko_deshuffle", denoise.deshuffle)
+register("ko_iid_replace_span", denoise.iid_replace_span)
+register("ko_iid_drop_tokens", denoise.iid_drop_tokens)
+register("ko_ul2", denoise.ul2, mode_tokens=UL2_MODE_TOKENS)
+register("ko_lm", _lm, chunk="targets", features=LM_FEATURES)
