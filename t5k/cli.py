@@ -11,6 +11,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
+    "tasks": ("t5k.tasks_cli", "list the registered seqio tasks/mixtures and show decoded examples"),
     "params": ("t5k.models.params_cli", "print the parameter count of a gin model preset (no allocation)"),
     "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }

@@ -1,0 +1,94 @@
+"""`t5k tasks list | show`: inspect the registered seqio tasks and mixtures.
+
+    t5k tasks list
+    t5k tasks show NAME [--split S] [-n N] [--seed K] [--step S --batch_size B] [--inputs 512 --targets 114] [--json]
+
+`show` prints N task-level examples as text (sentinels visible as <extra_id_k>) exactly as `get_dataset` yields
+them under that seed; `--step S --batch_size B` starts at example S*B of the stream (the examples of step S when
+every example fills one batch row, e.g. ko_span_corruption). `--json` prints one JSON object per example with the
+token ids too.
+"""
+
+import argparse
+import json
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="print the registered tasks and mixtures")
+    show = sub.add_parser("show", help="print decoded examples of a task or mixture")
+    show.add_argument("name")
+    show.add_argument("--split", default="train")
+    show.add_argument("-n", type=int, default=3, help="number of examples")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--step", type=int, default=0)
+    show.add_argument("--batch_size", type=int, default=1, help="examples per step, for --step")
+    show.add_argument("--inputs", type=int, default=512, help="inputs length")
+    show.add_argument("--targets", type=int, default=114, help="targets length")
+    show.add_argument("--json", action="store_true", help="JSON lines with token ids")
+
+
+def _list() -> int:
+    import seqio
+
+    import t5k_tasks
+    from t5k_tasks import downstream, mixtures
+
+    print("tasks:")
+    for name in sorted(seqio.TaskRegistry.names()):
+        note = downstream.TASKS.get(name, "")
+        if name in t5k_tasks.FIXED_LENGTH_TASKS:
+            note = (note + " " if note else "") + "[fixed length, O(1) resume]"
+        print(f"  {name:<40} {note}".rstrip())
+    print("mixtures:")
+    for name in sorted(seqio.MixtureRegistry.names()):
+        print(f"  {name:<40} {mixtures.MIXTURES.get(name, '')}".rstrip())
+    return 0
+
+
+def _show(args) -> int:
+    import seqio
+
+    import t5k_tasks
+
+    try:
+        provider = seqio.get_mixture_or_task(args.name)
+    except ValueError:
+        print(f"t5k tasks: unknown task or mixture {args.name!r} (see `t5k tasks list`)", file=sys.stderr)
+        return 2
+    lengths = {"inputs": args.inputs, "targets": args.targets}
+    ds = t5k_tasks.get_dataset(args.name, lengths, split=args.split, seed=args.seed,
+                               start_index=args.step * args.batch_size, examples_per_step=args.batch_size)
+    features = provider.output_features
+    for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
+        record = {}
+        for key in ("inputs", "targets"):
+            if key in ex:
+                ids = [int(i) for i in ex[key]]
+                record[key] = features[key].vocabulary.decode(ids)
+                record[f"{key}_ids"] = ids
+        for key in ("example_index", "step"):
+            if key in ex:
+                record[key] = int(ex[key])
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            head = f"# {k}" + (f"  (example_index {record['example_index']}, step {record['step']})"
+                               if "example_index" in record else "")
+            print(head)
+            for key in ("inputs", "targets"):
+                if key in record:
+                    print(f"{key} ({len(record[key + '_ids'])} ids): {record[key]}")
+            print()
+    return 0
+
+
+def run(args: argparse.Namespace, bindings=()) -> int:
+    if bindings:
+        from t5k.gin_utils import parse_gin
+
+        import t5k_tasks  # noqa: F401  (configurables)
+
+        parse_gin([], bindings)
+    return _list() if args.action == "list" else _show(args)
