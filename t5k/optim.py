@@ -1,0 +1,105 @@
+"""Optimizers and learning-rate schedules as optax transforms, configured by gin.
+
+Adafactor with the T5 settings is the default (factored second moments, decay 0.8, update clipping 1.0,
+parameter-scale updates, epsilon 1e-30) with T5's inverse-square-root schedule `1/sqrt(max(step, 10k))`.
+AdamW is the alternative the CT5 seed compared against.
+"""
+
+import math
+from typing import Any, Callable, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[Any], Any]
+
+
+@gin.configurable
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
+    """T5: `base / sqrt(max(step, warmup))` — constant `base/sqrt(warmup)` during warm-up, then decaying."""
+    return lambda step: base_learning_rate * jax.lax.rsqrt(jnp.maximum(step, warmup_steps).astype(jnp.float32))
+
+
+@gin.configurable
+def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+    return optax.constant_schedule(learning_rate)
+
+
+@gin.configurable
+def warmup_schedule(
+    peak_learning_rate: float = 1e-3, warmup_steps: int = 10_000, total_steps: int = 100_000, decay: str = "cosine",
+    end_fraction: float = 0.1,
+) -> Schedule:
+    """Linear warm-up to the peak, then linear or cosine decay to `end_fraction * peak` at `total_steps`."""
+    if decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"warmup_schedule.decay = {decay!r}; expected 'cosine', 'linear' or 'constant'")
+    warmup = optax.linear_schedule(0.0, peak_learning_rate, max(warmup_steps, 1))
+    decay_steps = max(total_steps - warmup_steps, 1)
+    end = peak_learning_rate * end_fraction
+    if decay == "cosine":
+        after = optax.cosine_decay_schedule(peak_learning_rate, decay_steps, alpha=end_fraction)
+    elif decay == "linear":
+        after = optax.linear_schedule(peak_learning_rate, end, decay_steps)
+    else:
+        after = optax.constant_schedule(peak_learning_rate)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+@gin.configurable
+def adafactor(learning_rate: Schedule = gin.REQUIRED, decay_rate: float = 0.8, clipping_threshold: float = 1.0,
+              multiply_by_parameter_scale: bool = True, epsilon: float = 1e-30, min_dim_size_to_factor: int = 128,
+              momentum: Optional[float] = None) -> optax.GradientTransformation:
+    """Adafactor as in T5 (Shazeer & Stern 2018).
+
+    optax factors the two largest dims of each parameter when both are ≥ `min_dim_size_to_factor`; with scanned
+    layers a `[layers, embed, mlp]` kernel is therefore factored over (embed, mlp), never over `layers` unless
+    the model has more layers than either width (documented limitation; t5x picks the dims by logical name).
+    """
+    return optax.adafactor(
+        learning_rate=learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale, eps=epsilon,
+        min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum,
+    )
+
+
+@gin.configurable
+def adamw(learning_rate: Schedule = gin.REQUIRED, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.01) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+@gin.configurable
+def make_optimizer(
+    optimizer: Callable[..., optax.GradientTransformation] = adafactor,
+    schedule: Schedule = gin.REQUIRED,
+    max_grad_norm: Optional[float] = None,
+    trainable: Optional[Callable[[str], bool]] = None,
+) -> optax.GradientTransformation:
+    """The optimizer with its schedule, optional global-norm clipping, and an optional trainable-subset mask.
+
+    `trainable(path) -> bool` receives each parameter's '/'-joined path; frozen parameters get zero updates
+    and no optimizer state (the hook LoRA and prompt tuning use).
+    """
+    chain = []
+    if max_grad_norm:
+        chain.append(optax.clip_by_global_norm(max_grad_norm))
+    chain.append(optimizer(learning_rate=schedule))
+    tx = optax.chain(*chain)
+    if trainable is not None:
+        def labels(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "train" if trainable(_path_str(path)) else "freeze", params
+            )
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def learning_rate_at(schedule: Schedule, step: int) -> float:
+    value = float(schedule(jnp.asarray(step)))
+    return value if math.isfinite(value) else float("nan")

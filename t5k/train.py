@@ -1,0 +1,181 @@
+"""`t5k train`: the training loop, configured entirely by gin.
+
+    t5k train --gin_file=gin/runs/quickstart.gin [--gin_file=gin/mesh/fsdp.gin] [--gin.train.train_steps=100]
+
+The loop is flat on purpose (MaxText style): every line below is a step a researcher may want to change.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from t5k import checkpoints, gin_utils, optim, partitioning, trainer
+from t5k.models import EncoderDecoder, build_model
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(
+    model_dir: str,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    seed: int = 0,
+    pack: bool = True,
+    num_microbatches: int = 1,
+    log_every: int = 10,
+    eval_every: int = 0,
+    eval_batches: int = 4,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: Optional[int] = 3,
+    predict_examples: int = 0,
+    predict_length: int = 32,
+    schedule: Optional[optim.Schedule] = None,
+) -> Dict[str, float]:
+    """Trains `build_model()` on a seqio task; returns the last logged scalars.
+
+    The mesh comes from `create_mesh.*` bindings (gin/mesh/*.gin), the rules from `logical_axis_rules.*`, the
+    optimizer from `make_optimizer.*`; `schedule` defaults to T5's `rsqrt_schedule()`.
+    Resumes from the latest checkpoint in `model_dir/checkpoints` if there is one: the batch stream restarts at
+    the restored step, so the continued run equals an uninterrupted one.
+    """
+    # Everything that can be wrong with the configuration fails here, before any compilation.
+    model = build_model()
+    mesh = partitioning.create_mesh()
+    rules = partitioning.logical_axis_rules()
+    trainer.check_batch_divisible(batch_size, mesh, num_microbatches)
+    schedule = schedule or optim.rsqrt_schedule()
+    optimizer = optim.make_optimizer(schedule=schedule)
+    loss_config = trainer.LossConfig()
+    model_type = "encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder_only"
+    from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
+
+    if mixture_or_task_name not in _registered_names():
+        raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")
+
+    with partitioning.activate(mesh, rules):
+        shardings = trainer.state_shardings(model, optimizer, mesh, rules)
+        manager = checkpoints.checkpoint_manager(
+            os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints
+        )
+        if manager.latest_step() is not None:
+            state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
+            print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)
+        else:
+            state = trainer.init_state(model, optimizer, shardings, seed)
+        start = int(state.step)
+        batches = pipeline.get_batches(
+            mixture_or_task_name, task_feature_lengths, batch_size, split="train", seed=seed, start_step=start,
+            model_type=model_type, pack=pack,
+        )
+        first = next(batches)
+        batch_shardings = {k: partitioning.batch_sharding(mesh, rules, v.ndim) for k, v in first.items()}
+        step_fn = trainer.compile_train_step(model, optimizer, loss_config, shardings, batch_shardings,
+                                             num_microbatches)
+        writer = trainer.MetricsWriter(os.path.join(model_dir, "train"), resume_step=start)
+        dropout_key = jax.random.PRNGKey(seed + 1)
+        last: Dict[str, float] = {}
+        tokens_since, time_since = 0.0, time.perf_counter()
+        batch = first
+        progress = tqdm(range(start, train_steps), initial=start, total=train_steps, desc="train",
+                        disable=not sys.stderr.isatty())
+        for step in progress:
+            if step > start:
+                batch = next(batches)
+            state, metrics = step_fn(state, trainer.device_batch(batch, mesh, rules),
+                                     jax.random.fold_in(dropout_key, step))
+            tokens_since += sum(float(np.sum(batch[k] > 0)) for k in ("encoder_input_tokens", "decoder_target_tokens")
+                                if k in batch)
+            done = step + 1
+            if done % log_every == 0 or done == train_steps:
+                scalars = trainer.to_host(metrics)
+                elapsed = time.perf_counter() - time_since
+                scalars["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
+                scalars["learning_rate"] = optim.learning_rate_at(schedule, step)
+                tokens_since, time_since = 0.0, time.perf_counter()
+                writer.write(done, scalars)
+                progress.set_postfix(loss=f"{scalars['loss']:.3f}")
+                print(trainer.log_line(done, scalars), flush=True)
+                last = scalars
+            checkpoints.save(manager, done, state, force=done == train_steps)
+            if eval_every and (done % eval_every == 0 or done == train_steps):
+                last.update(evaluate(model, state.params, mesh, rules, mixture_or_task_name, task_feature_lengths,
+                                     batch_size, eval_batches, model_type, pack, seed))
+                writer.write(done, {k: v for k, v in last.items() if k.startswith("eval_")})
+                print(f"step {done}: eval_loss={last['eval_loss']:.4g} eval_accuracy={last['eval_accuracy']:.4g}",
+                      flush=True)
+        manager.wait_until_finished()
+        writer.close()
+        if predict_examples and isinstance(model, EncoderDecoder):
+            show_predictions(model, state.params, mixture_or_task_name, task_feature_lengths, predict_examples,
+                             predict_length, seed)
+    return last
+
+
+def evaluate(model, params, mesh, rules, name, lengths, batch_size, num_batches, model_type, pack, seed):
+    """Loss and token accuracy on the first `num_batches` validation batches."""
+    from t5k_tasks import pipeline
+
+    loss_config = trainer.LossConfig()
+    eval_fn = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model, loss_config=loss_config))
+    batches = pipeline.get_batches(name, lengths, batch_size, split="validation", seed=seed, model_type=model_type,
+                                   pack=pack)
+    totals = np.zeros(3)
+    for _, batch in zip(range(num_batches), batches):
+        out = jax.device_get(eval_fn(params, trainer.device_batch(batch, mesh, rules)))
+        totals += [out["loss_sum"], out["correct"], out["weight"]]
+    weight = max(totals[2], 1.0)
+    return {"eval_loss": totals[0] / weight, "eval_accuracy": totals[1] / weight}
+
+
+def show_predictions(model, params, name, lengths, count, max_length, seed):
+    """Prints span-filling predictions next to the truth for a few validation examples (unpacked)."""
+    import seqio
+    from t5k.decoding import greedy_decode_uncached
+    from t5k_tasks import pipeline
+
+    vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    batch = next(pipeline.get_batches(name, lengths, count, split="validation", seed=seed, pack=False))
+    outputs = np.asarray(greedy_decode_uncached(model, params, batch["encoder_input_tokens"], max_length))
+    for i in range(count):
+        print(f"\n[{i}] input:      {vocab.decode(batch['encoder_input_tokens'][i].tolist())}")
+        print(f"[{i}] truth:      {vocab.decode(batch['decoder_target_tokens'][i].tolist())}")
+        print(f"[{i}] prediction: {vocab.decode(outputs[i].tolist())}")
+
+
+def _registered_names():
+    import seqio
+
+    return set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    gin_utils.add_gin_arguments(parser)
+    parser.add_argument("--model_dir", default=None, help="checkpoints and logs (default: gin MODEL_DIR or runs/NAME)")
+
+
+def run(args: argparse.Namespace, bindings=()) -> int:
+    try:
+        gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
+        model_dir = args.model_dir or _macro("MODEL_DIR") or os.path.join("runs", "default")
+        last = train(model_dir)
+    except (gin_utils.GinConfigError, ValueError) as e:
+        print(f"t5k train: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: round(v, 6) for k, v in last.items()}))
+    return 0
+
+
+def _macro(name: str) -> Optional[str]:
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return None

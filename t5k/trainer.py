@@ -1,0 +1,290 @@
+"""The partitioned training step and the flat training loop.
+
+The loop (`train`) reads top to bottom: build mesh and rules → abstract state and its shardings (nothing
+allocated) → restore the latest checkpoint or initialise → for each step: fetch the batch *for that step*,
+run the jitted step, log, checkpoint, evaluate. Because the batch for step s is a pure function of
+(seed, s) and the dropout key is `fold_in(seed, s)`, a run resumed from a checkpoint at step s continues
+bit-for-bit as if it had never stopped.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from t5k import losses, partitioning
+from t5k.models import EncoderDecoder
+
+Batch = Mapping[str, np.ndarray]
+
+ENC_DEC_INPUTS = (
+    "encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids",
+    "encoder_positions", "decoder_positions",
+)
+DECODER_INPUTS = ("decoder_input_tokens", "decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # int32 scalar: steps whose update was not finite and was skipped
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    # None: divide by the number of real target tokens in the (global) batch; a number: divide by that constant
+    # (T5's 'loss_normalizing_factor', which keeps the gradient scale independent of padding).
+    normalizing_factor: Optional[float] = None
+
+
+def model_inputs(model: nn.Module, batch: Batch) -> Dict[str, Any]:
+    """The model's keyword arguments from a feature-converter batch (keys it does not take are dropped)."""
+    names = ENC_DEC_INPUTS if isinstance(model, EncoderDecoder) else DECODER_INPUTS
+    return {k: batch[k] for k in names if k in batch}
+
+
+def loss_sums(model: nn.Module, params, batch: Batch, dropout_rng, loss_config: LossConfig) -> losses.LossSums:
+    deterministic = dropout_rng is None
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    logits = model.apply({"params": params}, **model_inputs(model, batch), deterministic=deterministic, rngs=rngs)
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+        weights = batch["decoder_target_tokens"] > 0
+    return losses.cross_entropy_sums(
+        logits, batch["decoder_target_tokens"], weights.astype(jnp.float32),
+        z_loss=loss_config.z_loss, label_smoothing=loss_config.label_smoothing,
+    )
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+    """`[batch, ...]` -> `[microbatches, batch/microbatches, ...]` (row i goes to microbatch i // size)."""
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}")
+        return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+    return jax.tree_util.tree_map(split, batch)
+
+
+def gradient_sums(model, params, batch, dropout_rng, loss_config, num_microbatches: int):
+    """Summed loss statistics and the gradient of the summed loss, accumulated over microbatches.
+
+    Accumulating *sums* and normalising once at the end makes k microbatches give exactly the full-batch
+    gradient (up to float summation order), whatever the padding in each microbatch.
+    """
+    def sums_and_grads(mb, rng):
+        def summed_loss(p):
+            stats = loss_sums(model, p, mb, rng, loss_config)
+            return stats.loss, stats
+
+        (_, stats), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+        return stats, grads
+
+    if num_microbatches <= 1:
+        return sums_and_grads(batch, dropout_rng)
+    micro = _split_microbatches(batch, num_microbatches)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zero_stats = losses.LossSums(*(jnp.zeros((), jnp.float32) for _ in losses.LossSums._fields))
+
+    def body(carry, xs):
+        stats, grads = carry
+        mb, index = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        mb_stats, mb_grads = sums_and_grads(mb, rng)
+        stats = losses.LossSums(*(a + b for a, b in zip(stats, mb_stats)))
+        return (stats, jax.tree_util.tree_map(jnp.add, grads, mb_grads)), None
+
+    (stats, grads), _ = jax.lax.scan(body, (zero_stats, zero_grads), (micro, jnp.arange(num_microbatches)))
+    return stats, grads
+
+
+def train_step(
+    state: TrainState, batch: Batch, dropout_rng, *, model, optimizer: optax.GradientTransformation,
+    loss_config: LossConfig, num_microbatches: int = 1,
+) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    """One optimizer update. Non-finite gradients skip the update (params and optimizer state unchanged)."""
+    stats, grads = gradient_sums(model, state.params, batch, dropout_rng, loss_config, num_microbatches)
+    denominator = loss_config.normalizing_factor or jnp.maximum(stats.weight, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(stats.loss)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+    )
+    weight = jnp.maximum(stats.weight, 1.0)
+    metrics = {
+        "loss": stats.loss / weight,
+        "z_loss": stats.z_loss / weight,
+        "accuracy": stats.correct / weight,
+        "target_tokens": stats.weight,
+        "grad_norm": grad_norm,
+        "skipped_steps": new_state.skipped,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model, loss_config: LossConfig) -> Dict[str, jax.Array]:
+    stats = loss_sums(model, params, batch, None, loss_config)
+    return {"loss_sum": stats.loss, "correct": stats.correct, "weight": stats.weight}
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def dummy_inputs(model: nn.Module, batch_size: int = 1, length: int = 8) -> Tuple[jax.Array, ...]:
+    tokens = jnp.ones((batch_size, length), jnp.int32)
+    return (tokens, tokens) if isinstance(model, EncoderDecoder) else (tokens,)
+
+
+def abstract_boxed_params(model: nn.Module):
+    """Parameter shapes with their logical names, via eval_shape (no allocation)."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(model)))["params"]
+
+
+def unbox_values(boxed):
+    """The raw values of boxed params, without the sharding constraint `nn.unbox` applies under a mesh."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def state_shardings(model: nn.Module, optimizer, mesh, rules):
+    """Shardings of every TrainState leaf, computed without allocating anything.
+
+    Parameters follow their logical names; the optimizer state follows the parameters through the compiler's
+    sharding propagation of `optimizer.init` (factored Adafactor rows/columns inherit the matching dims).
+    """
+    boxed = abstract_boxed_params(model)
+    param_shardings = partitioning.param_shardings(boxed, mesh, rules)
+    abstract_params = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox_values(boxed), param_shardings
+    )
+    opt_shardings = jax.jit(optimizer.init).lower(abstract_params).compile().output_shardings
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, skipped=replicated)
+
+
+def abstract_state(model, optimizer, shardings: TrainState) -> TrainState:
+    """`jax.ShapeDtypeStruct`s of the state, each with its sharding: the restore target of a checkpoint."""
+    shapes = jax.eval_shape(lambda: init_state_fn(model, optimizer)(jax.random.PRNGKey(0)))
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def init_state_fn(model, optimizer) -> Callable[[jax.Array], TrainState]:
+    def init(rng):
+        params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+    return init
+
+
+def init_state(model, optimizer, shardings: TrainState, seed: int) -> TrainState:
+    """Initialises the state directly into its shardings (no full copy on any one device)."""
+    return jax.jit(init_state_fn(model, optimizer), out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def compile_train_step(model, optimizer, loss_config, shardings: TrainState, batch_shardings, num_microbatches=1):
+    step_fn = functools.partial(
+        train_step, model=model, optimizer=optimizer, loss_config=loss_config, num_microbatches=num_microbatches
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def device_batch(batch: Batch, mesh, rules) -> Dict[str, jax.Array]:
+    """Host numpy batch -> global arrays sharded over `data`.
+
+    Each process holds the rows of its own data shards (`make_array_from_process_local_data`), so the same code
+    serves one CPU and a multi-host pod.
+    """
+    out = {}
+    for key, value in batch.items():
+        sharding = partitioning.batch_sharding(mesh, rules, ndim=value.ndim)
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    return out
+
+
+def check_batch_divisible(batch_size: int, mesh, num_microbatches: int = 1) -> None:
+    data = mesh.shape["data"]
+    if batch_size % (data * max(num_microbatches, 1)):
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the data axis ({data})"
+            + (f" × num_microbatches ({num_microbatches})" if num_microbatches > 1 else "")
+        )
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard and to `metrics.jsonl` (the machine-readable loss curve).
+
+    On resume the JSONL file is truncated to the restored step, so the curve of an interrupted and resumed run
+    is line-for-line the curve of an uninterrupted one.
+    """
+
+    def __init__(self, log_dir: str, resume_step: int):
+        os.makedirs(log_dir, exist_ok=True)
+        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        import tensorflow as tf  # TensorBoard event files; imported here to keep `import t5k.trainer` light
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(log_dir)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.jsonl_path):
+            return
+        with open(self.jsonl_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.jsonl_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.jsonl_path)
+
+    def write(self, step: int, scalars: Dict[str, float]) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+        with self._writer.as_default(step=step):
+            for name, value in scalars.items():
+                self._tf.summary.scalar(name, value)
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def to_host(metrics: Dict[str, jax.Array]) -> Dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def log_line(step: int, scalars: Dict[str, float]) -> str:
+    keys = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "skipped_steps")
+    return f"step {step}: " + " ".join(f"{k}={scalars[k]:.4g}" for k in keys if k in scalars)
