@@ -30,6 +30,9 @@ TEST_REQUIRES = HF_REQUIRES + [
     "pytest>=9.0,<10",
     "pytest-xdist>=3.8,<4",
     "hypothesis>=6.150,<7",
+    "nbclient>=0.11,<0.12",
+    "nbformat>=5.11,<6",
+    "ipykernel>=7.4,<8",
 ]
 
 setuptools.setup(
