@@ -33,7 +33,7 @@ from t5k.preprocessors import curriculum
 from t5k.preprocessors import dialog as dialog_objectives
 from t5k_tasks import corpora
 from t5k_tasks.downstream import TASKS, register as register_text, text_postprocessor
-from t5k_tasks.pipeline import index_examples, seeded
+from t5k_tasks.pipeline import T5kTask, index_examples, seeded
 from t5k_tasks.pretraining import OUTPUT_FEATURES, VOCAB
 
 TAG_TEXT = (" A: ", " B: ")
@@ -53,7 +53,7 @@ def register_objective(name: str, objective, expand_prefixes: bool = False, rate
                      rate_fn=rate_fn),
               seqio.preprocessors.append_eos_after_trim]
     return seqio.TaskRegistry.add(name, source=SESSIONS, preprocessors=steps, output_features=OUTPUT_FEATURES,
-                                  shuffle_buffer_size=None, metric_fns=[])
+                                  shuffle_buffer_size=None, metric_fns=[], task_cls=T5kTask)
 
 
 register_objective("ko_dialog_next_utterance", dialog_objectives.next_utterance, expand_prefixes=True)

@@ -26,7 +26,7 @@ import seqio
 
 from t5k import metrics
 from t5k_tasks import corpora
-from t5k_tasks.pipeline import index_examples, tokenize_batched
+from t5k_tasks.pipeline import T5kTask, index_examples, tokenize_batched
 from t5k_tasks.pretraining import OUTPUT_FEATURES
 
 NSMC_LABELS = ("부정", "긍정")
@@ -92,7 +92,7 @@ def register(name: str, records_fn, postprocess_fn, metric_fns, description: str
         output_features=OUTPUT_FEATURES,
         postprocess_fn=postprocess_fn,
         metric_fns=list(metric_fns),
-        shuffle_buffer_size=None,
+        shuffle_buffer_size=None, task_cls=T5kTask,
     )
 
 

@@ -125,6 +125,15 @@ def rename(dataset, mapping: Mapping[str, str]):
     return dataset.map(lambda ex: {mapping.get(k, k): v for k, v in ex.items()})
 
 
+class T5kTask(seqio.Task):
+    """A seqio.Task that never wraps its source in `ds.cache()`: t5k sources are in memory already, and with
+    shuffle=True they are endless (seeded epochs), which seqio's automatic in-memory cache would grow forever."""
+
+    def get_dataset(self, *args, **kwargs):
+        kwargs["try_in_mem_cache"] = False
+        return super().get_dataset(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batches for the trainer
 # ----------------------------------------------------------------------------------------------------------
@@ -164,6 +173,7 @@ def get_batches(mixture_or_task_name: str, sequence_length: Mapping[str, int], b
                      start_index=start_step * batch_size if fast else 0,
                      examples_per_step=examples_per_step or batch_size,
                      shard_index=shard_index, num_shards=num_shards)
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ("inputs", "targets")})
     converter = get_feature_converter(model_type, pack)
     ds = converter(ds, dict(sequence_length))
     ds = ds.batch(batch_size, drop_remainder=True)

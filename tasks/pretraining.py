@@ -20,7 +20,7 @@ import seqio
 from t5k.preprocessors import denoise
 from t5k.vocab import default_vocabulary
 from t5k_tasks import corpora
-from t5k_tasks.pipeline import FIXED_LENGTH_TASKS, concat_and_split, index_examples, seeded, tokenize_batched
+from t5k_tasks.pipeline import T5kTask, FIXED_LENGTH_TASKS, concat_and_split, index_examples, seeded, tokenize_batched
 
 VOCAB = default_vocabulary()
 OUTPUT_FEATURES = {
@@ -43,14 +43,14 @@ def _chunks(mode: str):
 
 
 def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
-             fixed_length: bool = False, **kwargs) -> seqio.Task:
+             fixed_length: bool = False, salt: str = "", **kwargs) -> seqio.Task:
     steps = []
     if source is PROSE_TEXT:
         steps.append(functools.partial(tokenize_batched, text_key="text"))
-    steps += [_chunks(chunk), index_examples, seeded(preprocessor, salt=name, **kwargs),
+    steps += [_chunks(chunk), index_examples, seeded(preprocessor, salt=salt or name, **kwargs),
               seqio.preprocessors.append_eos_after_trim]
     task = seqio.TaskRegistry.add(name, source=source, preprocessors=steps, output_features=features,
-                                  shuffle_buffer_size=None, metric_fns=[])
+                                  shuffle_buffer_size=None, metric_fns=[], task_cls=T5kTask)
     if fixed_length:
         FIXED_LENGTH_TASKS.add(name)
     return task
@@ -63,7 +63,7 @@ def _lm(dataset, sequence_length, output_features, seed=0):
 
 register("ko_span_corruption", denoise.span_corruption, chunk="span_corruption", fixed_length=True)
 register("ko_span_corruption_from_text", denoise.span_corruption, source=PROSE_TEXT, chunk="span_corruption",
-         fixed_length=True)
+         fixed_length=True, salt="ko_span_corruption")  # same masks as ko_span_corruption: byte-identical batches
 for _name, _source in CORPUS_SOURCES.items():
     register(f"ko_span_corruption_{_name}", denoise.span_corruption, source=_source, chunk="span_corruption",
              fixed_length=True)

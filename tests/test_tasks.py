@@ -1,0 +1,343 @@
+"""t5k_tasks: readers on bad input, sources, span corruption lengths, determinism and resume, mixture rates,
+feature conversion, downstream tasks, CLI."""
+
+import gzip
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import seqio
+
+import t5k_tasks
+from t5k import feature_converters, metrics
+from t5k_tasks import corpora, mixtures
+
+SHARED = corpora.shared_data_dir()
+needs_shared = pytest.mark.skipif(not (SHARED / "nsmc").exists(), reason="../shared/data (T5K_DATA_DIR) absent")
+SMALL = {"inputs": 128, "targets": 32}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedded data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_embedded_data_found_relative_to_the_package():
+    files = list(corpora.PROSE_FILES.values()) + list(corpora.SESSION_FILES.values()) + [corpora.WIKINEWS_CSV]
+    assert all(f.exists() and f.is_relative_to(Path(t5k_tasks.__file__).parent) for f in files)
+    total = sum(f.stat().st_size for f in (corpora.EMBEDDED_DIR).rglob("*") if f.is_file())
+    assert total < 6_000_000
+    notice = (corpora.PACKAGE_DIR / "NOTICE.md").read_text(encoding="utf-8")
+    for needle in ("CC BY 2.5", "NLPlab-skku", "CAiRE", "fairytale01_SOURCES.md"):
+        assert needle in notice
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: skipped, counted, logged with file and line; never a crash or a silent change
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bad_prose_input_is_skipped_and_logged(tmp_path, caplog):
+    path = tmp_path / "prose.txt.gz"
+    body = (b"title one\nfirst paragraph.\n\n\n\n"  # several blank lines: no empty document emitted
+            b"   \t\n"  # line 6: whitespace-only
+            b"title two\nbad \xff byte\n\n"  # lines 7-8: non-UTF-8 -> the whole document skipped
+            b"long " + b"x" * 300 + b"\n\n"  # line 10: over-long
+            b"title three\nlast paragraph.\n")  # lines 12-13
+    path.write_bytes(gzip.compress(body))
+    with caplog.at_level(logging.WARNING, logger="t5k_tasks"):
+        docs = corpora.read_text_documents(path, max_chars=100)
+    assert [(d.text, d.line) for d in docs] == [("title one\nfirst paragraph.", 1), ("title three\nlast paragraph.", 12)]
+    counts = corpora.SKIPPED[str(path)]
+    assert sum(counts.values()) == 3 and counts["whitespace_line"] == 1
+    text = caplog.text
+    assert f"{path}:6: skipped whitespace-only line" in text
+    assert f"{path}:7: skipped document (non_utf8: line 8" in text
+    assert f"{path}:10: skipped document (too_long" in text
+    assert f"{path}: kept 2 documents, skipped 3" in text
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": ""}\n{"text": "   "}\nnot json\n{"content": "also ok"}\n')
+    with caplog.at_level(logging.WARNING, logger="t5k_tasks"):
+        docs = corpora.read_jsonl_documents(jsonl)
+    assert [d.text for d in docs] == ["ok", "also ok"]
+    assert corpora.SKIPPED[str(jsonl)]["empty_document"] == 2
+    assert f"{jsonl}:4: skipped document (invalid_json" in caplog.text
+
+
+def test_bad_sessions_are_skipped_and_logged(tmp_path, caplog):
+    path = tmp_path / "sessions.jsonl"
+    good = {"id": "g", "turns": [{"speaker": "u", "text": "안녕"}, {"speaker": "s", "text": ""},
+                                 {"speaker": "s", "text": "네 안녕하세요"}]}
+    lines = [json.dumps(good, ensure_ascii=False).encode(),
+             json.dumps({"id": "one", "turns": [{"speaker": "u", "text": "혼자"}]}).encode(),
+             b'{"id": "broken", "turns": [',
+             '{"id": "x", "turns": [{"speaker": "a", "text": "\ubc14'.encode() + b"\xc3\x28" + b'"}]}',
+             b"   ",
+             json.dumps({"id": "empty", "turns": [{"speaker": "a", "text": " "}, {"speaker": "b", "text": "응"}]}).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="t5k_tasks"):
+        sessions = corpora.read_sessions(path)
+    assert [(s.id, s.turns) for s in sessions] == [("g", (("u", "안녕"), ("s", "네 안녕하세요")))]
+    counts = corpora.SKIPPED[str(path)]
+    assert counts["empty_utterance"] == 2
+    assert sum(v for k, v in counts.items() if k.startswith("too_few_turns")) == 2
+    assert f"{path}:1: skipped utterance 1 (empty_utterance)" in caplog.text
+    assert f"{path}:2: skipped session (too_few_turns: 1)" in caplog.text
+    assert f"{path}:3: skipped session (invalid_json" in caplog.text
+    assert f"{path}:4: skipped session (non_utf8" in caplog.text
+    assert f"{path}:5: skipped whitespace-only line" in caplog.text
+
+
+def test_local_corpus_selected_by_env(tmp_path, monkeypatch):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"text": "하나"}\n{"text": "둘"}\n', encoding="utf-8")
+    monkeypatch.setenv("T5K_PRETRAIN_FILES", str(tmp_path / "*.jsonl"))
+    assert corpora.pretraining_files() == [path]
+    monkeypatch.delenv("T5K_PRETRAIN_FILES")
+    assert corpora.pretraining_files() == list(corpora.PROSE_FILES.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ko_span_corruption
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [{"inputs": 512, "targets": 114}, SMALL])
+def test_span_corruption_fills_the_lengths(lengths):
+    ds = t5k_tasks.get_dataset("ko_span_corruption", lengths, seed=0)
+    sentinel0 = seqio.get_mixture_or_task("ko_span_corruption").output_features["targets"].vocabulary.vocab_size - 1
+    for ex in ds.take(6).as_numpy_iterator():
+        assert len(ex["inputs"]) == lengths["inputs"] and ex["inputs"][-1] == 1
+        assert len(ex["targets"]) <= lengths["targets"] and ex["targets"][0] == sentinel0
+    batch = next(t5k_tasks.get_batches("ko_span_corruption", lengths, batch_size=2, seed=0))
+    assert batch["encoder_input_tokens"].shape == (2, lengths["inputs"])
+    assert batch["decoder_target_tokens"].shape == (2, lengths["targets"])
+    assert (batch["encoder_segment_ids"] == 1).all()
+
+
+def test_validation_split_is_held_out_and_finite():
+    source = seqio.get_mixture_or_task("ko_span_corruption").source
+    train = {d.text for d in source.documents()["train"]}
+    validation = {d.text for d in source.documents()["validation"]}
+    assert validation and not train & validation
+    assert 0.01 < len(validation) / (len(train) + len(validation)) < 0.04
+    n = sum(1 for _ in t5k_tasks.get_dataset("ko_span_corruption", SMALL, split="validation").as_numpy_iterator())
+    assert n > 10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Determinism and resume
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _take(name, n, **kwargs):
+    it = t5k_tasks.get_batches(name, kwargs.pop("lengths", SMALL), batch_size=4, **kwargs)
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_span_corruption_determinism_and_resume():
+    run1 = _take("ko_span_corruption", 6, seed=3)
+    run2 = _take("ko_span_corruption", 6, seed=3)
+    assert _same(run1, run2)
+    assert all(b1["encoder_input_tokens"].tobytes() == b2["encoder_input_tokens"].tobytes() for b1, b2 in zip(run1, run2))
+    assert "ko_span_corruption" in t5k_tasks.FIXED_LENGTH_TASKS  # resume skips chunks, before corruption
+    assert _same(_take("ko_span_corruption", 3, seed=3, start_step=3), run1[3:])
+    other = _take("ko_span_corruption", 2, seed=4)
+    assert not np.array_equal(other[0]["encoder_input_tokens"], run1[0]["encoder_input_tokens"])
+    # On-the-fly tokenization of the raw text gives the very same batches as the token cache.
+    assert _same(_take("ko_span_corruption_from_text", 2, seed=3), run1[:2])
+
+
+def test_endless_stream_crosses_epochs_with_new_orders():
+    task = seqio.get_mixture_or_task("ko_span_corruption_fairytale")
+    n = task.num_input_examples("train")
+    ids = list(corpora.index_stream(n, True, 5).take(3 * n).as_numpy_iterator())
+    epochs = [ids[k * n:(k + 1) * n] for k in range(3)]
+    assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1]
+    assert ids == list(corpora.index_stream(n, True, 5).take(3 * n).as_numpy_iterator())
+
+
+def test_packed_dialog_task_determinism_and_resume():
+    kwargs = dict(lengths={"inputs": 256, "targets": 64}, seed=1)
+    run = _take("ko_dialog_partial_masking", 4, **kwargs)
+    assert _same(run, _take("ko_dialog_partial_masking", 4, **kwargs))
+    assert _same(_take("ko_dialog_partial_masking", 2, start_step=2, **kwargs), run[2:])
+    assert run[0]["encoder_segment_ids"].shape == (4, 256)
+    assert not _same(_take("ko_dialog_partial_masking", 1, lengths=kwargs["lengths"], seed=2), run[:1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixtures
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _register_toy_tasks():
+    import tensorflow as tf
+
+    sizes = {"toy_a": 30, "toy_b": 300, "toy_c": 3000}
+    for k, (name, n) in enumerate(sizes.items()):
+        if name not in seqio.TaskRegistry.names():
+            def mark(ds, k=k):  # targets = [k]: which task an example came from
+                return ds.map(lambda ex: {"targets": tf.fill([1], k)})
+
+            seqio.TaskRegistry.add(
+                name, source=corpora.RecordSource(lambda split, n=n: [{"i": i} for i in range(n)]),
+                preprocessors=[mark], output_features=t5k_tasks.pretraining.LM_FEATURES,
+                shuffle_buffer_size=None, metric_fns=[], task_cls=t5k_tasks.pipeline.T5kTask)
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["equal", "proportional", "temperature"])
+def test_mixture_proportions_match_rate_functions(kind):
+    from scipy.stats import chisquare
+
+    sizes = _register_toy_tasks()
+    rate = {"equal": mixtures.equal_rate, "proportional": mixtures.examples_proportional(1000),
+            "temperature": mixtures.temperature(2.0)}[kind]
+    expected = {"equal": [1, 1, 1], "proportional": [30, 300, 1000],
+                "temperature": [30 ** 0.5, 300 ** 0.5, 3000 ** 0.5]}[kind]
+    tasks = [seqio.get_mixture_or_task(n) for n in sizes]
+    assert [rate(t) for t in tasks] == pytest.approx(expected)
+    name = f"toy_mix_{kind}"
+    if name not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add(name, list(sizes), default_rate=rate)
+    draws = 3000
+    ds = seqio.get_mixture_or_task(name).get_dataset(None, "train", seed=7, log_mixing_proportions=False)
+    counts = np.zeros(3)
+    for ex in ds.take(draws).as_numpy_iterator():
+        counts[int(ex["targets"][0])] += 1
+    probs = np.array(expected) / sum(expected)
+    assert chisquare(counts, probs * draws).pvalue > 0.01
+
+
+def test_registered_mixture_rates():
+    mix = seqio.get_mixture_or_task("ko_pretrain")
+    rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+    assert rates == {"ko_span_corruption_wikinews": 0.5, "ko_span_corruption_book_review": 0.3,
+                     "ko_span_corruption_fairytale": 0.2}
+    batch = next(t5k_tasks.get_batches("ko_pretrain", SMALL, batch_size=2, seed=0))
+    assert batch["encoder_input_tokens"].shape == (2, 128)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature conversion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_feature_converters_emit_the_model_arguments():
+    from t5k.models.decoder_only import DecoderOnly
+    from t5k.models.encoder_decoder import EncoderDecoder
+
+    import tensorflow as tf
+
+    examples = [{"inputs": [5, 6, 1], "targets": [7, 1]}, {"inputs": [8, 1], "targets": [9, 10, 1]}]
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={k: tf.TensorSpec([None], tf.int32) for k in ("inputs", "targets")})
+    lengths = {"inputs": 6, "targets": 6}
+    batch = next(feature_converters.get_feature_converter("encoder_decoder", pack=True)(ds, lengths)
+                 .as_numpy_iterator())
+    np.testing.assert_array_equal(batch["encoder_input_tokens"], [5, 6, 1, 8, 1, 0])
+    np.testing.assert_array_equal(batch["encoder_segment_ids"], [1, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(batch["encoder_positions"], [0, 1, 2, 0, 1, 0])
+    np.testing.assert_array_equal(batch["decoder_target_tokens"], [7, 1, 9, 10, 1, 0])
+    np.testing.assert_array_equal(batch["decoder_input_tokens"], [0, 7, 0, 9, 10, 0])
+    np.testing.assert_array_equal(batch["decoder_segment_ids"], [1, 1, 2, 2, 2, 0])
+    np.testing.assert_array_equal(batch["decoder_positions"], [0, 1, 0, 1, 2, 0])
+    kwargs = feature_converters.model_kwargs(batch, "encoder_decoder")
+    assert set(kwargs) <= set(inspect.signature(EncoderDecoder.__call__).parameters)
+    assert len(kwargs) == 6
+    unpacked = next(feature_converters.get_feature_converter("encoder_decoder", pack=False)(ds, lengths)
+                    .as_numpy_iterator())
+    assert "encoder_segment_ids" not in unpacked
+
+    prefix = next(feature_converters.get_feature_converter("prefix_lm", pack=True)(ds, {"inputs": 4, "targets": 4})
+                  .as_numpy_iterator())
+    np.testing.assert_array_equal(prefix["decoder_causal_attention"][:5], [1, 1, 1, 1, 0])
+    kwargs = feature_converters.model_kwargs(prefix, "prefix_lm")
+    assert set(kwargs) == set(feature_converters.MODEL_KWARGS["prefix_lm"])
+    assert set(kwargs) <= set(inspect.signature(DecoderOnly.__call__).parameters)
+    lm = next(t5k_tasks.get_batches("ko_lm", {"targets": 64}, batch_size=2, model_type="decoder"))
+    assert set(feature_converters.model_kwargs(lm, "decoder")) == set(feature_converters.MODEL_KWARGS["decoder"])
+    assert lm["decoder_target_tokens"].shape == (2, 64) and (lm["decoder_target_tokens"][:, -1] == 1).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives and downstream tasks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ko_prefix_lm", "ko_bert_mlm", "ko_deshuffle", "ko_iid_replace_span",
+                                  "ko_iid_drop_tokens", "ko_ul2", "ko_dialog_next_utterance",
+                                  "ko_dialog_utterance_order", "ko_dialog_single_masking",
+                                  "ko_dialog_multiple_masking", "ko_dialog_partial_masking_curriculum",
+                                  "ko_dialog_response", "ko_dialog_infilling", "ko_dialog_summarization",
+                                  "wikinews_title"])
+def test_embedded_tasks_produce_examples(name):
+    ex = next(t5k_tasks.get_dataset(name, SMALL, seed=0).as_numpy_iterator())
+    assert 1 < len(ex["inputs"]) <= 128 and 1 < len(ex["targets"]) <= 32
+
+
+def _perfect_score(name):
+    task = seqio.get_mixture_or_task(name)
+    ds = t5k_tasks.get_dataset(name, {"inputs": 512, "targets": 64}, split="validation")
+    vocab = task.output_features["targets"].vocabulary
+    examples = list(ds.take(20).as_numpy_iterator())
+    targets = [task.postprocess_fn(vocab.decode(list(ex["targets"])), example=ex, is_target=True) for ex in examples]
+    predictions = [task.postprocess_fn(vocab.decode(list(ex["targets"])), example=ex, is_target=False)
+                   for ex in examples]
+    out = {}
+    for fn in task.metric_fns:
+        out.update(fn(targets, predictions))
+    return out
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["nsmc", "klue_nli", "kornli", "klue_sts", "korsts", "korquad", "sae4k",
+                                  "ko_en_translation", "en_ko_translation", "petitions_title"])
+def test_downstream_tasks_and_their_metrics(name):
+    out = _perfect_score(name)
+    assert out, name
+    for key, value in out.items():
+        if key in ("pearson", "spearman"):
+            assert value > 0.95, (key, value)
+        elif key.startswith("bleu"):
+            assert value > 90, (key, value)
+        elif name != "korquad" or key == "f1":  # a few KorQuAD answers are cut at 64 target tokens? none expected
+            assert value > 95, (key, value)
+
+
+def test_wikinews_title_task_uses_the_summary_prefix():
+    ex = next(t5k_tasks.get_dataset("wikinews_title", SMALL, split="validation").as_numpy_iterator())
+    vocab = t5k_tasks.pretraining.VOCAB
+    assert vocab.decode(list(ex["inputs"])).startswith("요약: ")
+    assert _perfect_score("wikinews_title")["rouge1"] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cli_list_and_show(capsys):
+    from t5k import cli
+
+    assert cli.main(["tasks", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "ko_span_corruption" in out and "ko_pretrain_temperature" in out and "korquad" in out
+    assert cli.main(["tasks", "show", "ko_span_corruption", "-n", "2", "--inputs", "128", "--targets", "32",
+                     "--seed", "3", "--step", "1", "--batch_size", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["example_index"] for r in lines] == [4, 5] and all(r["step"] == 1 for r in lines)
+    assert "<extra_id_0>" in lines[0]["inputs"] and len(lines[0]["inputs_ids"]) == 128
+    batch = _take("ko_span_corruption", 2, seed=3)[1]
+    assert lines[0]["inputs_ids"] == batch["encoder_input_tokens"][0].tolist()
+    assert cli.main(["tasks", "show", "no_such_task"]) == 2
