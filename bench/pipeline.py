@@ -1,0 +1,191 @@
+"""Pipeline benchmark: packed, span-corrupted CT5 batches (512/114) in input+target tokens per second per core.
+
+Side by side in one run, on the same embedded prose corpus:
+
+  t5k (a)    ko_span_corruption_from_text: raw text, tokenized on the fly (morph_bbpe, batched encode)
+  t5k (b)    ko_span_corruption: from the pre-tokenized token cache
+  seqio (a)  a plain seqio.Task: seqio.SentencePieceVocabulary (unigram, 32k, trained here on the same text),
+             seqio.preprocessors.tokenize, per-document split into 568-token chunks, a straightforward span
+             corruption (seqio.map_over_dataset), append_eos_after_trim
+  seqio (b)  the same task over documents tokenized beforehand (held in memory)
+
+Every path ends in seqio.EncDecFeatureConverter(pack=True) and .batch(B). Tokens counted = non-padding
+encoder input tokens + decoder target tokens. Per core = divided by the CPU cores this process may use.
+Usage: python bench/pipeline.py [--batch_size 32] [--batches 40] [--warmup 3]. Last line: one JSON object.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import seqio  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import t5k_tasks  # noqa: E402
+from t5k_tasks import corpora  # noqa: E402
+
+LENGTHS = {"inputs": 512, "targets": 114}
+RAW = 568
+
+
+def measure(iterator, batches: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        next(iterator)
+    tokens, start = 0, time.perf_counter()
+    for _ in range(batches):
+        b = next(iterator)
+        tokens += int((b["encoder_input_tokens"] != 0).sum() + (b["decoder_target_tokens"] != 0).sum())
+    seconds = time.perf_counter() - start
+    cores = len(os.sched_getaffinity(0))
+    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_core": tokens / seconds / cores, "tokens": tokens,
+            "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seqio baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_sentencepiece(texts, out_dir: str) -> str:
+    import sentencepiece as spm
+
+    model = os.path.join(out_dir, "spm.model")
+    if not os.path.exists(model):
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+            for t in texts:
+                f.write(t.replace("\n", " ") + "\n")
+        spm.SentencePieceTrainer.train(input=f.name, model_prefix=os.path.join(out_dir, "spm"), vocab_size=32000,
+                                       model_type="unigram", character_coverage=0.9995, pad_id=0, eos_id=1,
+                                       unk_id=2, bos_id=-1, max_sentence_length=100000, num_threads=2,
+                                       input_sentence_size=200000, shuffle_input_sentence=True,
+                                       minloglevel=2)
+        os.unlink(f.name)
+    return model
+
+
+def split_documents(dataset):
+    """Each document cut into 568-token pieces (the last one shorter)."""
+
+    def chunks(ex):
+        tokens = ex["targets"]
+        n = tf.size(tokens)
+        lengths = tf.concat([tf.fill([n // RAW], RAW), tf.boolean_mask([n % RAW], [n % RAW > 0])], 0)
+        return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
+
+    return dataset.flat_map(chunks).filter(lambda ex: tf.size(ex["targets"]) >= 2)
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def simple_span_corruption(features, seed, output_features):
+    """Straightforward T5 span corruption (density 0.15, mean span 3), one example at a time."""
+    vocab_size = output_features["targets"].vocabulary.vocab_size
+    tokens = features["targets"]
+    length = tf.size(tokens)
+    num_noise = tf.clip_by_value(tf.cast(tf.round(tf.cast(length, tf.float32) * 0.15), tf.int32), 1, length - 1)
+    num_spans = tf.maximum(1, tf.cast(tf.round(tf.cast(num_noise, tf.float32) / 3.0), tf.int32))
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+
+    def segment(n, k, s):
+        starts = tf.random.experimental.stateless_shuffle(
+            tf.concat([tf.ones([k - 1], tf.int32), tf.zeros([n - k], tf.int32)], 0), s)
+        ids = tf.cumsum(tf.concat([[0], starts], 0))
+        return tf.math.segment_sum(tf.ones_like(ids), ids)
+
+    noise = segment(num_noise, num_spans, seeds[0])
+    clean = segment(length - num_noise, num_spans, seeds[1])
+    bounds = tf.cumsum(tf.reshape(tf.stack([clean, noise], 1), [-1]))[:-1]
+    is_noise = tf.math.floormod(tf.cumsum(tf.scatter_nd(bounds[:, None], tf.ones_like(bounds), [length])), 2) == 1
+
+    def sentinelize(mask):  # each run of `mask` -> one sentinel (T5's noise_span_to_unique_sentinel)
+        previous = tf.concat([[False], mask[:-1]], 0)
+        first = mask & ~previous
+        sentinel = vocab_size - tf.cumsum(tf.cast(first, tf.int32))
+        return tf.boolean_mask(tf.where(first, sentinel, tokens), ~(mask & previous))
+
+    inputs, targets = sentinelize(is_noise), sentinelize(~is_noise)
+    return {"inputs": inputs, "targets": targets}
+
+
+def seqio_baseline_tasks(texts, vocabulary):
+    features = {"inputs": seqio.Feature(vocabulary, add_eos=True), "targets": seqio.Feature(vocabulary, add_eos=True)}
+    texts_t = tf.constant(texts)
+
+    def text_source(split, shuffle_files, seed=None):
+        ds = tf.data.Dataset.from_tensor_slices({"targets": texts_t})
+        return ds.shuffle(len(texts), seed=seed) if shuffle_files else ds
+
+    tokenized = [np.array(vocabulary.encode(t), np.int32) for t in texts]
+    values = tf.constant(np.concatenate(tokenized))
+    splits = tf.constant(np.concatenate([[0], np.cumsum([len(t) for t in tokenized])]).astype(np.int64))
+
+    def token_source(split, shuffle_files, seed=None):
+        ragged = tf.RaggedTensor.from_row_splits(values, splits)
+        ds = tf.data.Dataset.from_tensor_slices({"targets": ragged})
+        return ds.shuffle(len(texts), seed=seed) if shuffle_files else ds
+
+    common = [split_documents, simple_span_corruption, seqio.preprocessors.append_eos_after_trim]
+    for name, fn, pre in (("bench_seqio_text", text_source, [seqio.preprocessors.tokenize]),
+                          ("bench_seqio_tokens", token_source, [])):
+        seqio.TaskRegistry.remove(name)
+        seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(fn, splits=["train"]),
+                               preprocessors=pre + common, output_features=features, metric_fns=[],
+                               shuffle_buffer_size=1000)  # seqio default
+
+
+def seqio_batches(name, batch_size, seed=0):
+    ds = seqio.get_mixture_or_task(name).get_dataset(LENGTHS, "train", shuffle=True, seed=seed, num_epochs=None,
+                                                     try_in_mem_cache=False)
+    ds = seqio.EncDecFeatureConverter(pack=True)(ds, LENGTHS).batch(batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    source = seqio.get_mixture_or_task("ko_span_corruption").source
+    texts = [d.text for d in source.documents()["train"]]
+    source.tokens("train")  # build the token cache before timing (b)
+    spm_dir = os.path.join(os.path.expanduser("~/.cache/t5k/bench_spm"), corpora.vocab_fingerprint(
+        t5k_tasks.pretraining.VOCAB) + f"-{len(texts)}")
+    spm_vocab = seqio.SentencePieceVocabulary(train_sentencepiece(texts, spm_dir), extra_ids=100)
+    seqio_baseline_tasks(texts, spm_vocab)
+
+    results = {}
+    runs = {
+        "t5k_a_raw_text": lambda: t5k_tasks.get_batches("ko_span_corruption_from_text", LENGTHS, args.batch_size),
+        "t5k_b_token_cache": lambda: t5k_tasks.get_batches("ko_span_corruption", LENGTHS, args.batch_size),
+        "seqio_a_raw_text": lambda: seqio_batches("bench_seqio_text", args.batch_size),
+        "seqio_b_pretokenized": lambda: seqio_batches("bench_seqio_tokens", args.batch_size),
+    }
+    for name, make in runs.items():
+        results[name] = measure(make(), args.batches, args.warmup)
+        r = results[name]
+        print(f"{name:<22} {r['tokens_per_s']:>12,.0f} tokens/s  {r['tokens_per_s_per_core']:>12,.0f} per core "
+              f"({r['tokens']:,} tokens in {r['seconds']:.1f} s)", flush=True)
+    per_core = {k: round(v["tokens_per_s_per_core"]) for k, v in results.items()}
+    summary = {
+        "benchmark": "packed span-corrupted ct5 batches 512/114",
+        "batch_size": args.batch_size, "batches": args.batches, "cores": len(os.sched_getaffinity(0)),
+        "tokens_per_s_per_core": per_core,
+        "ratio_a_t5k_over_seqio": round(per_core["t5k_a_raw_text"] / per_core["seqio_a_raw_text"], 3),
+        "ratio_b_t5k_over_seqio": round(per_core["t5k_b_token_cache"] / per_core["seqio_b_pretokenized"], 3),
+        "target_b_50k_per_core_met": per_core["t5k_b_token_cache"] >= 50_000,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
