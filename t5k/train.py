@@ -39,11 +39,13 @@ def train(
     predict_examples: int = 0,
     predict_length: int = 32,
     schedule: Optional[optim.Schedule] = None,
+    model_type: Optional[str] = None,
 ) -> Dict[str, float]:
     """Trains `build_model()` on a seqio task; returns the last logged scalars.
 
     The mesh comes from `create_mesh.*` bindings (gin/mesh/*.gin), the rules from `logical_axis_rules.*`, the
-    optimizer from `make_optimizer.*`; `schedule` defaults to T5's `rsqrt_schedule()`.
+    optimizer from `make_optimizer.*`; `schedule` defaults to T5's `rsqrt_schedule()`. `model_type` picks the
+    feature converter ('encoder_decoder' | 'decoder' | 'prefix_lm'; default from the model).
     Resumes from the latest checkpoint in `model_dir/checkpoints` if there is one: the batch stream restarts at
     the restored step, so the continued run equals an uninterrupted one.
     """
@@ -55,7 +57,8 @@ def train(
     schedule = schedule or optim.rsqrt_schedule()
     optimizer = optim.make_optimizer(schedule=schedule)
     loss_config = trainer.LossConfig()
-    model_type = "encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder_only"
+    # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
+    model_type = model_type or ("encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder")
     from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
 
     if mixture_or_task_name not in _registered_names():

@@ -21,16 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5k import losses, partitioning
+from t5k import feature_converters, losses, partitioning
 from t5k.models import EncoderDecoder
 
 Batch = Mapping[str, np.ndarray]
-
-ENC_DEC_INPUTS = (
-    "encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids",
-    "encoder_positions", "decoder_positions",
-)
-DECODER_INPUTS = ("decoder_input_tokens", "decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
 
 
 @flax.struct.dataclass
@@ -52,9 +46,12 @@ class LossConfig:
 
 
 def model_inputs(model: nn.Module, batch: Batch) -> Dict[str, Any]:
-    """The model's keyword arguments from a feature-converter batch (keys it does not take are dropped)."""
-    names = ENC_DEC_INPUTS if isinstance(model, EncoderDecoder) else DECODER_INPUTS
-    return {k: batch[k] for k in names if k in batch}
+    """The model's keyword arguments from a feature-converter batch (keys it does not take are dropped).
+
+    A decoder-only model takes `decoder_causal_attention` when the batch has it (prefix LM), so the
+    'prefix_lm' key set serves both decoder-only layouts.
+    """
+    return feature_converters.model_kwargs(batch, "encoder_decoder" if isinstance(model, EncoderDecoder) else "prefix_lm")
 
 
 def loss_sums(model: nn.Module, params, batch: Batch, dropout_rng, loss_config: LossConfig) -> losses.LossSums:
