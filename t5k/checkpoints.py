@@ -7,9 +7,11 @@ read onto 1 or 2 devices (HyperCLOVA's "checkpoint merge"), with no conversion s
 """
 
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import gin
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -33,3 +35,170 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+# ------------------------------------------------------------------------------------------------ partial restore
+
+
+def _latest_step_dir(directory: str, step: Optional[int]) -> str:
+    """The item directory of `step` (default: the newest committed step) under a manager's `directory`.
+
+    Also accepts a step directory or the item directory itself (the one holding the array files)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"restore_params: no checkpoint directory {directory}")
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    if steps:
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"restore_params: no step {step} in {directory} (steps: {steps})")
+        directory = os.path.join(directory, str(step))
+    elif step is not None and os.path.basename(directory) != str(step):
+        raise FileNotFoundError(f"restore_params: no step {step} in {directory}")
+    item = os.path.join(directory, "default")
+    return item if os.path.isdir(item) else directory
+
+
+def _flatten(tree: Any, is_leaf=None) -> Dict[str, Any]:
+    """{'a/b/c': leaf} of a nested tree (dict keys, sequence indices, dataclass fields)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {_path_str(path): leaf for path, leaf in flat}
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
+def _compile_map(assignment_map) -> List[Tuple[re.Pattern, Optional[str]]]:
+    if assignment_map is None:
+        return []
+    items = assignment_map.items() if isinstance(assignment_map, Mapping) else assignment_map
+    return [(re.compile(pattern), replacement) for pattern, replacement in items]
+
+
+def _source_of(path: str, rules) -> Tuple[Optional[str], bool]:
+    """(source path or None, whether a rule matched) for a target path: the first rule whose regex matches the
+    whole path wins; its replacement may use groups (`\\1`, `\\g<name>`)."""
+    for pattern, replacement in rules:
+        match = pattern.fullmatch(path)
+        if match:
+            return (None if replacement is None else match.expand(replacement)), True
+    return path, False
+
+
+def checkpoint_param_shapes(directory: str, step: Optional[int] = None) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
+    """{'encoder/layers_0/mlp/wi_0/kernel': (shape, dtype)} of the parameters stored in a checkpoint (the
+    `params` subtree of a TrainState checkpoint, or the whole tree of a parameters-only one); reads metadata only."""
+    _, stored = _stored_params(_latest_step_dir(directory, step))
+    return {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
+
+
+def _read_metadata(item_dir: str) -> Dict[str, Any]:
+    from etils import epath
+
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+    return metadata.tree if hasattr(metadata, "tree") else metadata
+
+
+def _stored_params(item_dir: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+    """(prefix of the params subtree in the stored tree, {relative path: ArrayMetadata})."""
+    tree = _read_metadata(item_dir)
+    prefix: Tuple[str, ...] = ("params",) if isinstance(tree, Mapping) and "params" in tree else ()
+    sub = tree["params"] if prefix else tree
+    flat = _flatten(sub, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return prefix, {k: v for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None,
+                   assignment_map=None, fallback: Any = None) -> Any:
+    """Restores parameters into the structure, dtypes and shardings of `abstract_params`, renaming and skipping
+    by regex (t5x's `assignment_map` for partial restore / fine-tuning from a different architecture).
+
+    directory: a checkpoint manager's directory (the newest step unless `step`), a step directory, or the item
+      directory. TrainState checkpoints contribute their `params` subtree; only those leaves are read.
+    abstract_params: the target tree: `jax.ShapeDtypeStruct`s (with `sharding` to restore straight onto a mesh,
+      e.g. `trainer.abstract_state(...).params`) or arrays. Paths are '/'-joined keys,
+      e.g. 'encoder/layers_0/mlp/wi_0/kernel'.
+    assignment_map: ordered `(regex, source)` pairs (or a dict). The first regex that matches a whole target path
+      decides: `source` is the checkpoint path to read (may use the regex's groups, e.g.
+      `(r'decoder/(.*)', r'encoder/\\1')`), or None to keep `fallback`'s value. Targets no rule matches are read
+      from the same path.
+    fallback: a tree like `abstract_params` with real values (e.g. freshly initialised parameters) for the targets
+      mapped to None.
+
+    Raises KeyError naming the target and source path when the checkpoint lacks a source (or no fallback value
+    exists), and ValueError naming both when shapes differ.
+    """
+    item_dir = _latest_step_dir(directory, step)
+    prefix, stored = _stored_params(item_dir)
+    rules = _compile_map(assignment_map)
+    targets = _flatten(abstract_params)
+    fallbacks = _flatten(fallback) if fallback is not None else {}
+    plan: Dict[str, Optional[str]] = {}
+    for path, target in targets.items():
+        source, matched = _source_of(path, rules)
+        if source is None:
+            if path not in fallbacks:
+                raise KeyError(f"restore_params: {path!r} is mapped to None (keep the fallback) but `fallback` has "
+                               "no value for it")
+            plan[path] = None
+            continue
+        if source not in stored:
+            how = f"mapped to {source!r}" if matched else "read from the same path (no assignment_map rule matched)"
+            near = [p for p in stored if p.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]][:3]
+            raise KeyError(f"restore_params: target {path!r} is {how}, but the checkpoint in {item_dir} has no "
+                           f"parameter {source!r}" + (f" (similar: {near})" if near else "")
+                           + "; map it to None in assignment_map to keep a fresh value")
+        if tuple(stored[source].shape) != tuple(target.shape):
+            raise ValueError(f"restore_params: target {path!r} has shape {tuple(target.shape)} but its source "
+                             f"{source!r} in the checkpoint has shape {tuple(stored[source].shape)}")
+        plan[path] = source
+
+    # Read every needed source once, onto the sharding of the first target that uses it.
+    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    read: Dict[str, Any] = {}
+    for path, source in plan.items():
+        if source is not None and source not in read:
+            target = targets[path]
+            sharding = getattr(target, "sharding", None) or default_sharding
+            read[source] = jax.ShapeDtypeStruct(tuple(target.shape), target.dtype, sharding=sharding)
+    values: Dict[str, Any] = {}
+    if read:
+        item = _nest({"/".join(prefix + (k,)): v for k, v in read.items()})
+        restored = ocp.PyTreeCheckpointer().restore(
+            item_dir,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                        partial_restore=True),
+        )
+        values = _flatten(restored["params"] if prefix else restored)
+
+    def leaf(path):
+        target = targets[path]
+        value = fallbacks[path] if plan[path] is None else values[plan[path]]
+        sharding = getattr(target, "sharding", None)
+        if sharding is not None and getattr(value, "sharding", None) != sharding:
+            value = jax.device_put(value, sharding)
+        return value
+
+    leaves = [leaf(path) for path in targets]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)

@@ -1,0 +1,169 @@
+"""Checkpoints: a 4×2-mesh checkpoint restores onto 1 device and onto 2×1 with identical params and eval loss;
+partial restore with a regex assignment map (new subtrees kept fresh, renamed sources, clear errors)."""
+
+import jax
+import numpy as np
+import pytest
+
+from t5k import checkpoints, optim, partitioning, trainer
+from t5k.models import EncoderDecoder, TransformerConfig
+
+CONFIG = TransformerConfig(
+    vocab_size=96, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=2, num_decoder_layers=2,
+    dtype="float32", relative_attention_num_buckets=8, relative_attention_max_distance=16,
+)
+
+
+def _batch(seed=0, batch=8, enc_len=12, dec_len=6):
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(2, 96, (batch, enc_len)).astype(np.int32)
+    targets = rng.integers(2, 96, (batch, dec_len)).astype(np.int32)
+    inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+            "decoder_loss_weights": np.ones_like(targets, np.float32)}
+
+
+# These tiny programs run once: compiling them without LLVM's optimisations saves most of the test time.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False}
+
+
+def _run(jitted, *args):
+    return jitted.lower(*args).compile(compiler_options=FAST)(*args)
+
+
+def _optimizer():
+    return optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01))
+
+
+def _mesh(data, model_axis):
+    return partitioning.create_mesh(data=data, model=model_axis, devices=jax.devices()[: data * model_axis])
+
+
+def _eval_loss(model, params, mesh, rules):
+    with partitioning.activate(mesh, rules):
+        out = _run(jax.jit(lambda p, b: trainer.eval_step(p, b, model=model, loss_config=trainer.LossConfig())),
+                   params, trainer.device_batch(_batch(1), mesh, rules))
+    out = jax.device_get(out)
+    return float(out["loss_sum"]) / float(out["weight"])
+
+
+def _bump(state):
+    return state.replace(step=state.step + 1, opt_state=jax.tree_util.tree_map(
+        lambda x: x + 0.25 if x.dtype == np.float32 else x, state.opt_state))
+
+
+@pytest.fixture(scope="module")
+def trained_on_4x2(tmp_path_factory):
+    """A state initialised straight into its 4×2 FSDP shardings, saved; returns (directory, host state, eval loss).
+
+    The optimizer state gets a non-trivial value too (so a mix-up of leaves would show); no train step is
+    compiled, which keeps the test fast."""
+    directory = str(tmp_path_factory.mktemp("ckpt_4x2"))
+    model, optimizer = EncoderDecoder(CONFIG), _optimizer()
+    mesh, rules = _mesh(4, 2), partitioning.logical_axis_rules(fsdp=True)
+    with partitioning.activate(mesh, rules):
+        shardings = trainer.state_shardings(model, optimizer, mesh, rules)
+        init = trainer.init_state_fn(model, optimizer)  # = trainer.init_state, compiled with FAST
+        state = _run(jax.jit(lambda rng: _bump(init(rng)), out_shardings=shardings), jax.random.PRNGKey(0))
+    kernel = state.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    manager = checkpoints.checkpoint_manager(directory, save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 1, state, force=True)
+    manager.wait_until_finished()
+    return directory, jax.device_get(state), _eval_loss(model, state.params, mesh, rules)
+
+
+@pytest.mark.parametrize("data,model_axis", [(1, 1), (2, 1)])
+def test_4x2_checkpoint_restores_on_fewer_devices(trained_on_4x2, data, model_axis):
+    directory, saved, saved_loss = trained_on_4x2
+    model, optimizer = EncoderDecoder(CONFIG), _optimizer()
+    mesh, rules = _mesh(data, model_axis), partitioning.logical_axis_rules(fsdp=True)
+    with partitioning.activate(mesh, rules):
+        target = trainer.abstract_state(model, optimizer, trainer.state_shardings(model, optimizer, mesh, rules))
+        manager = checkpoints.checkpoint_manager(directory, async_save=False)
+        state = checkpoints.restore(manager, target)
+    assert int(state.step) == 1
+    for leaf, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(target)):
+        assert leaf.sharding == want.sharding and len(leaf.sharding.device_set) == data * model_axis
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), saved.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.opt_state), saved.opt_state)
+    np.testing.assert_allclose(_eval_loss(model, state.params, mesh, rules), saved_loss, rtol=1e-6)
+
+
+def _abstract_params(config, mesh=None, rules=None):
+    model = EncoderDecoder(config)
+    boxed = trainer.abstract_boxed_params(model)
+    values = trainer.unbox_values(boxed)
+    if mesh is None:
+        return values
+    shardings = partitioning.param_shardings(boxed, mesh, rules)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), values, shardings)
+
+
+def _fresh_params(config, seed=7):
+    """Stand-ins for freshly initialised parameters (random normal of the right shapes; no init compiled)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(x.dtype), _abstract_params(config))
+
+
+def test_restore_params_without_map_equals_full_restore_on_a_mesh(trained_on_4x2):
+    directory, saved, _ = trained_on_4x2
+    mesh, rules = _mesh(2, 4), partitioning.logical_axis_rules(fsdp=False)
+    target = _abstract_params(CONFIG, mesh, rules)
+    params = checkpoints.restore_params(directory, target)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), saved.params)
+    kernel = params["decoder"]["layers_1"]["mlp"]["wi_0"]["kernel"]
+    assert kernel.sharding == target["decoder"]["layers_1"]["mlp"]["wi_0"]["kernel"].sharding
+    assert not kernel.sharding.is_fully_replicated
+    shapes = checkpoints.checkpoint_param_shapes(directory)
+    assert shapes["encoder/layers_0/mlp/wi_0/kernel"][0] == (32, 48)
+
+
+def test_extra_layer_kept_fresh_or_copied_by_regex(trained_on_4x2):
+    """A 3-layer decoder from a 2-layer checkpoint: layer 2 fresh (None) or copied from layer 1 (groups)."""
+    directory, saved, _ = trained_on_4x2
+    bigger = CONFIG.replace(num_decoder_layers=3)
+    fresh = _fresh_params(bigger)
+    target = _abstract_params(bigger)
+
+    kept = checkpoints.restore_params(directory, target, assignment_map=[(r"decoder/layers_2/.*", None)],
+                                      fallback=fresh)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(kept["decoder"]["layers_2"]),
+                           jax.device_get(fresh["decoder"]["layers_2"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(kept["decoder"]["layers_1"]),
+                           saved.params["decoder"]["layers_1"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(kept["encoder"]), saved.params["encoder"])
+
+    copied = checkpoints.restore_params(directory, target,
+                                        assignment_map={r"decoder/layers_2/(.*)": r"decoder/layers_1/\1"})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(copied["decoder"]["layers_2"]),
+                           saved.params["decoder"]["layers_1"])
+
+
+def test_extra_subtree_and_rename(trained_on_4x2):
+    """An added adapter subtree stays at its fresh value; a renamed module reads its old name."""
+    directory, saved, _ = trained_on_4x2
+    target = _abstract_params(CONFIG)
+    target["adapter"] = {"kernel": jax.ShapeDtypeStruct((32, 4), np.float32)}
+    target["decoder"]["head"] = target["decoder"].pop("logits_dense")
+    fallback = {"adapter": {"kernel": np.full((32, 4), 0.5, np.float32)}}
+    params = checkpoints.restore_params(
+        directory, target, fallback=fallback,
+        assignment_map=[(r"adapter/.*", None), (r"decoder/head/(\w+)", r"decoder/logits_dense/\1")])
+    np.testing.assert_array_equal(params["adapter"]["kernel"], fallback["adapter"]["kernel"])
+    np.testing.assert_array_equal(params["decoder"]["head"]["kernel"], saved.params["decoder"]["logits_dense"]["kernel"])
+
+
+def test_restore_params_errors_name_the_path(trained_on_4x2):
+    directory, _, _ = trained_on_4x2
+    bigger = _abstract_params(CONFIG.replace(num_decoder_layers=3))
+    with pytest.raises(KeyError, match=r"target .decoder/layers_2/.* has no parameter"):
+        checkpoints.restore_params(directory, bigger)
+    with pytest.raises(KeyError, match=r"mapped to None .* no value"):
+        checkpoints.restore_params(directory, bigger, assignment_map=[(r"decoder/layers_2/.*", None)])
+    wider = _abstract_params(CONFIG.replace(d_ff=64))
+    with pytest.raises(ValueError, match=r"target '\w+/layers_0/mlp/wi_0/kernel' has shape \(32, 64\) .* \(32, 48\)"):
+        checkpoints.restore_params(directory, wider)
+    with pytest.raises(FileNotFoundError, match="no step 5"):
+        checkpoints.restore_params(directory, _abstract_params(CONFIG), step=5)
