@@ -15,7 +15,9 @@ Both frameworks run the same weights (t5k's initialisation exported by `t5k.conv
 random tokens (no padding) and the same loss (mean token cross entropy on float32 logits). Two measurements per
 case: "grad" = forward + backward (loss and gradients of every parameter); "train" = grad + an Adafactor update
 (optax.adafactor for t5k, transformers.optimization.Adafactor for PyTorch, both factored, lr 1e-3).
-Warm-up steps (compilation included) are excluded; the step time is the median of the timed steps.
+Warm-up steps (compilation included) are excluded; the step time is the median of the timed steps. "cpu s" is
+the median process CPU time (all threads) of a step: on a shared machine it moves less with other people's load
+than wall time does (PyTorch's OpenMP spin-waiting counts in it, so it flatters t5k somewhat).
 
 tokens/s counts input + target tokens: batch * (inputs + targets) / step time. Model FLOPs are analytic matmul
 FLOPs (projections, attention scores and values, logits; backward = 2x forward), the same count for both
@@ -69,20 +71,26 @@ def analytic_flops(dims, batch, li, lt):
 # Workers (run in subprocesses)
 
 
-def _timed(step, warmup, steps):
+CPU_TIMES = {}  # per call of _timed: process CPU seconds (all threads) of each timed step
+
+
+def _timed(step, warmup, steps, label=None):
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    if label:
+        CPU_TIMES[label] = cpu
     return times
 
 
 def worker_peak(args):
     n = 512 if args.quick else 4096
-    reps = 3 if args.quick else 5
+    reps = 3 if args.quick else 10  # the best rep: on a shared machine the max is the least disturbed
     out = {}
     import numpy as np
 
@@ -178,7 +186,7 @@ def worker_t5k(args):
     out["xla_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
     loss0, _ = compiled(params)
     out["loss"] = float(loss0)
-    out["grad_times"] = _timed(lambda: jax.block_until_ready(compiled(params)), args.warmup, args.steps)
+    out["grad_times"] = _timed(lambda: jax.block_until_ready(compiled(params)), args.warmup, args.steps, "grad")
     if args.train:
         opt = optax.adafactor(learning_rate=1e-3)
 
@@ -194,7 +202,7 @@ def worker_t5k(args):
             state[0], state[1], loss = train(*state)
             jax.block_until_ready(loss)
 
-        out["train_times"] = _timed(one, args.warmup, args.steps)
+        out["train_times"] = _timed(one, args.warmup, args.steps, "train")
     return out
 
 
@@ -238,7 +246,7 @@ def worker_torch(args):
     out = {"threads": torch.get_num_threads(), "flush_denormal": "ftz" in args.case, "autocast_bf16": autocast,
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     out["loss"] = float(grad_step())
-    out["grad_times"] = _timed(grad_step, args.warmup, args.steps)
+    out["grad_times"] = _timed(grad_step, args.warmup, args.steps, "grad")
     if args.train:
         from transformers.optimization import Adafactor
 
@@ -248,7 +256,7 @@ def worker_torch(args):
             grad_step()
             opt.step()
 
-        out["train_times"] = _timed(train_step, args.warmup, args.steps)
+        out["train_times"] = _timed(train_step, args.warmup, args.steps, "train")
     return out
 
 
@@ -306,7 +314,9 @@ def main(argv=None):
 
     if args.worker:
         args.case = args.worker
-        print(RESULT_TAG + json.dumps(WORKERS[args.worker](args)), flush=True)
+        out = WORKERS[args.worker](args)
+        out.update({f"{k}_cpu": v for k, v in CPU_TIMES.items()})
+        print(RESULT_TAG + json.dumps(out), flush=True)
         return
 
     cases = [c for c in args.cases.split(",") if c]
@@ -334,6 +344,7 @@ def main(argv=None):
             summary[f"{case}/{kind}"] = dict(
                 step_s=round(t, 4), tokens_per_s=round(tokens / t, 1), mfu=round(flops / t / peak, 4),
                 min_s=round(min(r[f"{kind}_times"]), 4), max_s=round(max(r[f"{kind}_times"]), 4),
+                cpu_s=round(statistics.median(r[f"{kind}_cpu"]), 3),
                 loss=round(r["loss"], 5))
     ref = {kind: summary.get(f"torch_ftz/{kind}") for kind in ("grad", "train")}
     ref_default = {kind: summary.get(f"torch_default/{kind}") for kind in ("grad", "train")}
@@ -353,12 +364,13 @@ def main(argv=None):
     for case, r in results.items():
         if "xla_flops" in r:
             print(f"{case}: XLA cost_analysis {r['xla_flops'] / 1e9:.1f} GFLOP/step, compile {r['compile_s']:.1f}s")
-    header = f"{'case':<22}{'step':<7}{'s/step':>9}{'tok/s':>9}{'MFU':>7}{'vs ftz':>8}{'vs dflt':>8}{'loss':>10}"
+    header = (f"{'case':<22}{'step':<7}{'s/step':>9}{'cpu s':>8}{'tok/s':>9}{'MFU':>7}{'vs ftz':>8}{'vs dflt':>8}"
+              f"{'loss':>10}")
     print(header)
     print("-" * len(header))
     for key, s in summary.items():
         case, kind = key.split("/")
-        print(f"{case:<22}{kind:<7}{s['step_s']:>9.3f}{s['tokens_per_s']:>9.1f}{s['mfu'] * 100:>6.1f}%"
+        print(f"{case:<22}{kind:<7}{s['step_s']:>9.3f}{s['cpu_s']:>8.2f}{s['tokens_per_s']:>9.1f}{s['mfu'] * 100:>6.1f}%"
               f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}"
               f"{s['loss']:>10.4f}")
     best_t5k = {kind: max((s["tokens_per_s"] for k, s in summary.items() if k.startswith("t5k") and k.endswith(kind)),

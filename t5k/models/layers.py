@@ -303,10 +303,19 @@ class MultiHeadAttention(nn.Module):
             key = rotary_embedding(key, key_positions, cfg.rotary_base)
         if cfg.scale_attention_logits:
             query = query * jnp.asarray(cfg.head_dim**-0.5, query.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits + bias, axis=-1)  # [batch, heads, q, k], float32
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) + bias
+        # Softmax with the normalisation deferred past the value matmul: exp(logits - max) @ value, divided by
+        # the row sums on the [batch, q, heads, kv] output instead of on the q*k weights. Same function (dropout
+        # is elementwise, so it commutes with the row scaling); one full pass over [batch, heads, q, k] fewer
+        # each way, measured ~4% less CPU time per ct5_small train step (docs/performance.md).
+        row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        weights = jnp.exp(logits - row_max)  # [batch, heads, q, k], float32, unnormalised
+        row_sum = jnp.sum(weights, axis=-1)  # [batch, heads, q]
         weights = self.dropout(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.compute_dtype), value)
+        out = jnp.einsum(
+            "bhqk,bkhd->bqhd", weights.astype(cfg.compute_dtype), value, preferred_element_type=jnp.float32
+        )
+        out = (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(cfg.compute_dtype)
         out = constrain(out, "batch", "length", "heads", "kv")
         return self.out(out)  # [batch, q_len, embed]
 
