@@ -167,17 +167,38 @@ def unbox_values(boxed):
 def state_shardings(model: nn.Module, optimizer, mesh, rules):
     """Shardings of every TrainState leaf, computed without allocating anything.
 
-    Parameters follow their logical names; the optimizer state follows the parameters through the compiler's
-    sharding propagation of `optimizer.init` (factored Adafactor rows/columns inherit the matching dims).
+    Parameters follow their logical names. Each optimizer-state copy of a parameter (Adam moments, Adafactor's
+    unfactored second moment) takes that parameter's sharding, and Adafactor's factored row/column statistics
+    take it with the reduced dimension dropped; everything else (step counts) is replicated. Left to the
+    compiler, `optimizer.init`'s zeros would come out fully replicated on every device.
     """
     boxed = abstract_boxed_params(model)
     param_shardings = partitioning.param_shardings(boxed, mesh, rules)
     abstract_params = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox_values(boxed), param_shardings
     )
-    opt_shardings = jax.jit(optimizer.init).lower(abstract_params).compile().output_shardings
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda leaf, param: _derived_sharding(leaf, param, replicated),
+        jax.eval_shape(optimizer.init, abstract_params),
+        abstract_params,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, skipped=replicated)
+
+
+def _derived_sharding(leaf, param, replicated):
+    """The sharding of an optimizer-state leaf that mirrors `param` (same shape, or one dimension reduced)."""
+    spec = tuple(param.sharding.spec) + (None,) * (len(param.shape) - len(param.sharding.spec))
+    if tuple(leaf.shape) == tuple(param.shape):
+        return param.sharding
+    if len(leaf.shape) == len(param.shape) - 1:
+        for dim in range(len(param.shape)):
+            if tuple(param.shape[:dim] + param.shape[dim + 1:]) == tuple(leaf.shape):
+                reduced = spec[:dim] + spec[dim + 1:]
+                return jax.sharding.NamedSharding(param.sharding.mesh, jax.sharding.PartitionSpec(*reduced))
+    return replicated
 
 
 def abstract_state(model, optimizer, shardings: TrainState) -> TrainState:
