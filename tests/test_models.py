@@ -145,8 +145,7 @@ def test_scanned_equals_unrolled(model_cls, config):
     jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_layer_params(stacked), params)
 
 
-@pytest.mark.parametrize("policy", ["minimal", "full"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy,scan", [("minimal", False), ("full", True)])
 def test_remat_policies_do_not_change_outputs_or_gradients(policy, scan):
     rng = np.random.default_rng(1)
     enc, dec = _tokens(rng, 2, 9, 97), _tokens(rng, 2, 6, 97)
