@@ -98,7 +98,7 @@ def train(
             tokens_since += sum(float(np.sum(batch[k] > 0)) for k in ("encoder_input_tokens", "decoder_target_tokens")
                                 if k in batch)
             done = step + 1
-            if done % log_every == 0 or done == train_steps:
+            if done == 1 or done % log_every == 0 or done == train_steps:  # step 1: the starting loss
                 scalars = trainer.to_host(metrics)
                 elapsed = time.perf_counter() - time_since
                 scalars["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
