@@ -126,7 +126,6 @@ def worker_init(args):
     """Initialises t5k params once and saves them (flat '/'-joined keys) for every other worker."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from t5k import convert
@@ -335,7 +334,7 @@ def main(argv=None):
     tokens = args.batch * (args.inputs + args.targets)
     flops = analytic_flops(dims, args.batch, args.inputs, args.targets)
     peak = max(peaks.values())
-    rows, summary = [], {}
+    summary = {}
     for case, r in results.items():
         for kind in ("grad", "train"):
             if f"{kind}_times" not in r:

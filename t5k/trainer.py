@@ -22,7 +22,8 @@ import numpy as np
 import optax
 
 from t5k import feature_converters, losses, partitioning
-from t5k.models import EncoderDecoder
+from t5k.models import EncoderDecoder, dummy_inputs
+from t5k.models import abstract_params as abstract_boxed_params
 
 Batch = Mapping[str, np.ndarray]
 
@@ -145,16 +146,6 @@ def eval_step(params, batch: Batch, *, model, loss_config: LossConfig) -> Dict[s
 
 
 # ------------------------------------------------------------------------------------------------ state
-
-
-def dummy_inputs(model: nn.Module, batch_size: int = 1, length: int = 8) -> Tuple[jax.Array, ...]:
-    tokens = jnp.ones((batch_size, length), jnp.int32)
-    return (tokens, tokens) if isinstance(model, EncoderDecoder) else (tokens,)
-
-
-def abstract_boxed_params(model: nn.Module):
-    """Parameter shapes with their logical names, via eval_shape (no allocation)."""
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(model)))["params"]
 
 
 def unbox_values(boxed):

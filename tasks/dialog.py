@@ -22,7 +22,6 @@ Downstream (text to text, split by session id; metrics BLEU + ROUGE):
   Korean dialog-to-summary pairs here) |
 """
 
-import functools
 import zlib
 from typing import List
 
@@ -32,7 +31,7 @@ from t5k import metrics
 from t5k.preprocessors import curriculum
 from t5k.preprocessors import dialog as dialog_objectives
 from t5k_tasks import corpora
-from t5k_tasks.downstream import TASKS, register as register_text, text_postprocessor
+from t5k_tasks.downstream import register as register_text, text_postprocessor
 from t5k_tasks.pipeline import T5kTask, index_examples, seeded
 from t5k_tasks.pretraining import OUTPUT_FEATURES, VOCAB
 

@@ -13,12 +13,10 @@ Every task pipeline is ``source -> [tokenize] -> [chunk] -> index_examples -> ob
 """
 
 import contextlib
-import functools
 import zlib
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import gin
-import numpy as np
 import seqio
 import tensorflow as tf
 

@@ -5,7 +5,6 @@ import gzip
 import inspect
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import seqio
 
 import t5k_tasks
-from t5k import feature_converters, metrics
+from t5k import feature_converters
 from t5k_tasks import corpora, mixtures
 
 SHARED = corpora.shared_data_dir()

@@ -1,6 +1,8 @@
 """t5k models: the config, the encoder-decoder (CT5) and the decoder-only (HyperCLOVA-style) networks."""
 
 import gin
+import jax
+import jax.numpy as jnp
 
 from t5k.models.config import TransformerConfig
 from t5k.models.decoder_only import DecoderOnly
@@ -17,4 +19,16 @@ def build_model(architecture: str = gin.REQUIRED, config: TransformerConfig = gi
     return ARCHITECTURES[architecture](config)
 
 
-__all__ = ["TransformerConfig", "EncoderDecoder", "DecoderOnly", "build_model", "ARCHITECTURES"]
+def dummy_inputs(model, batch_size: int = 1, length: int = 8):
+    """Token arrays that `model.init` accepts (parameter shapes do not depend on them)."""
+    tokens = jnp.ones((batch_size, length), jnp.int32)
+    return (tokens, tokens) if isinstance(model, EncoderDecoder) else (tokens,)
+
+
+def abstract_params(model):
+    """The parameter tree with shapes and logical axis names, via `jax.eval_shape` (nothing allocated)."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(model)))["params"]
+
+
+__all__ = ["TransformerConfig", "EncoderDecoder", "DecoderOnly", "build_model", "ARCHITECTURES", "dummy_inputs",
+           "abstract_params"]

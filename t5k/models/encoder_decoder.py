@@ -30,6 +30,26 @@ def _default_positions(tokens: Array) -> Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
+def _embed(config: TransformerConfig, token_embedder, tokens, deterministic) -> Array:
+    """Token embedding with dropout, constrained to `[batch, length, embed]` (call inside a compact method)."""
+    x = token_embedder(tokens)
+    x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+    return constrain(x, "batch", "length", "embed")
+
+
+def _relative_bias(config: TransformerConfig, length: int, bidirectional: bool) -> Array:
+    """The stack's `[1, heads, length, length]` relative position bias (call inside a compact method).
+
+    Relative offsets from arange equal those from packed positions inside a segment, and across segments
+    attention is masked, so arange serves packed batches too.
+    """
+    arange = jnp.arange(length)
+    return layers.RelativePositionBiases(
+        config.relative_attention_num_buckets, config.relative_attention_max_distance, config.num_heads,
+        bidirectional, name="relpos_bias",
+    )(arange, arange)
+
+
 def _run_shared_layers(shared_layers, x, *args, deterministic):
     for layer in shared_layers:
         x = layer(x, *args, deterministic)
@@ -44,22 +64,14 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True) -> Array:
         cfg = self.config
-        x = self.token_embedder(tokens)  # [batch, length, embed]
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = constrain(x, "batch", "length", "embed")
+        x = _embed(cfg, self.token_embedder, tokens, deterministic)  # [batch, length, embed]
         positions = _default_positions(tokens) if positions is None else positions
         mask = layers.key_padding_mask(tokens)
         if segment_ids is not None:
             mask = mask & layers.segment_mask(segment_ids, segment_ids)
         bias = layers.mask_to_bias(mask)  # [batch, 1, q or 1, k]
         if cfg.position_embedding == "relative":
-            # Relative offsets from arange equal those from packed positions inside a segment, and across
-            # segments attention is masked, so arange serves packed batches too.
-            arange = jnp.arange(tokens.shape[1])
-            bias = bias + layers.RelativePositionBiases(
-                cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads, True,
-                name="relpos_bias",
-            )(arange, arange)
+            bias = bias + _relative_bias(cfg, tokens.shape[1], bidirectional=True)
         if self.shared_layers is not None:
             x = _run_shared_layers(self.shared_layers, x, bias, positions, None, None, deterministic=deterministic)
         else:
@@ -85,9 +97,7 @@ class Decoder(nn.Module):
         deterministic=True,
     ) -> Array:
         cfg = self.config
-        x = self.token_embedder(tokens)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = constrain(x, "batch", "length", "embed")
+        x = _embed(cfg, self.token_embedder, tokens, deterministic)
         positions = _default_positions(tokens) if positions is None else positions
         self_mask = layers.causal_mask(tokens.shape[1])
         cross_mask = layers.key_padding_mask(encoder_tokens)
@@ -96,11 +106,7 @@ class Decoder(nn.Module):
             cross_mask = cross_mask & layers.segment_mask(segment_ids, encoder_segment_ids)
         self_bias = layers.mask_to_bias(self_mask)
         if cfg.position_embedding == "relative":
-            arange = jnp.arange(tokens.shape[1])
-            self_bias = self_bias + layers.RelativePositionBiases(
-                cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads, False,
-                name="relpos_bias",
-            )(arange, arange)
+            self_bias = self_bias + _relative_bias(cfg, tokens.shape[1], bidirectional=False)
         cross_bias = layers.mask_to_bias(cross_mask)
         args = (self_bias, positions, encoded, cross_bias)
         if self.shared_layers is not None:

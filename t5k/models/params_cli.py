@@ -10,19 +10,10 @@ import sys
 from typing import Dict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5k import gin_utils
-from t5k.models import EncoderDecoder, build_model
-
-
-def abstract_params(model) -> Dict:
-    """Parameter shapes of `model` via `jax.eval_shape` of its init (tiny dummy batch, no allocation)."""
-    tokens = jnp.ones((1, 8), jnp.int32)
-    args = (tokens, tokens) if isinstance(model, EncoderDecoder) else (tokens,)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
-    return variables["params"]
+from t5k.models import abstract_params, build_model
 
 
 def count_params(tree) -> int:
