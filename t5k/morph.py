@@ -120,6 +120,23 @@ class MorphSplitter:
         return self.split_batch([text])[0]
 
 
+def piece_tags(runs: Sequence[str]) -> List[tuple]:
+    """For each letter run, ((offset, tag), ...) of the pieces `MorphSplitter` cuts it into: offset 0 and every
+    cut, each with the analyser's tag of the morpheme that starts there (the run analysed on its own, exactly as
+    the splitter analyses it). Runs the splitter leaves whole (no Hangul, too long) give ((0, None),)."""
+    analysed = [r for r in dict.fromkeys(runs) if len(r) <= MAX_ANALYSED_CHARS and _HANGUL_RE.search(r)]
+    found = {}
+    if analysed:
+        kiwi = _kiwi()
+        results = kiwi.tokenize(analysed) if len(analysed) > 1 else [kiwi.tokenize(analysed[0])]
+        for run, tokens in zip(analysed, results):
+            tag_at = {}
+            for t in tokens:
+                tag_at.setdefault(t.start, t.tag)
+            found[run] = tuple((c, tag_at[c]) for c in (0, *_cuts(tokens, len(run))))
+    return [found.get(r, ((0, None),)) for r in runs]
+
+
 def sentence_cuts(text: str) -> tuple:
     """Cut offsets of `text` analysed in full sentence context (to measure what per-eojeol analysis changes)."""
     return _cuts(_kiwi().tokenize(text), len(text))
