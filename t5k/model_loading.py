@@ -1,0 +1,79 @@
+"""The model, its parameters on the devices present, and the vocabulary, for `t5k infer` and `t5k eval`.
+
+Parameters are restored straight into the shardings of the *current* mesh (`checkpoints.restore_params` with
+an abstract target), so a checkpoint written by `t5k train` on a 4×2 mesh loads on one device, or on 2, with
+no conversion step. Without a checkpoint the parameters are freshly initialised, which only makes sense for
+smoke tests: every caller labels such results (`LoadedModel.source == "random-init"`).
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import seqio
+
+from t5k import checkpoints, partitioning, trainer
+from t5k.models import EncoderDecoder, abstract_params, build_model, dummy_inputs
+from t5k.vocab import default_vocabulary
+
+RANDOM_INIT = "random-init"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any
+    params: Any
+    mesh: Any
+    rules: Any
+    vocabulary: seqio.Vocabulary
+    source: str  # the checkpoint directory (and step), or RANDOM_INIT
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.model, EncoderDecoder)
+
+
+def current_mesh(num_devices: Optional[int] = None):
+    """The gin-configured mesh (`create_mesh.*`) over the first `num_devices` devices (default: all)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"--num_devices={num_devices}: between 1 and the {len(devices)} devices present")
+        devices = devices[:num_devices]
+    return partitioning.create_mesh(devices=devices)
+
+
+def abstract_sharded_params(model, mesh, rules):
+    """`jax.ShapeDtypeStruct`s of the parameters, each carrying its sharding on `mesh` (nothing allocated)."""
+    boxed = abstract_params(model)
+    shardings = partitioning.param_shardings(boxed, mesh, rules)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  trainer.unbox_values(boxed), shardings)
+
+
+def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_devices: Optional[int] = None,
+               seed: int = 0) -> LoadedModel:
+    """Builds the gin model and mesh and restores `checkpoint` (a `t5k train` model_dir's `checkpoints`
+    directory, a step directory, or a model_dir holding `checkpoints/`) onto it; None: random parameters."""
+    model = build_model()
+    mesh = current_mesh(num_devices)
+    rules = partitioning.logical_axis_rules()
+    target = abstract_sharded_params(model, mesh, rules)
+    with partitioning.activate(mesh, rules):
+        if checkpoint is None:
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
+            init = jax.jit(lambda rng: trainer.unbox_values(model.init(rng, *dummy_inputs(model))["params"]),
+                           out_shardings=shardings)
+            params, source = init(jax.random.PRNGKey(seed)), RANDOM_INIT
+        else:
+            directory = _checkpoint_directory(checkpoint)
+            params = checkpoints.restore_params(directory, target, step=step)
+            source = directory + ("" if step is None else f" (step {step})")
+    return LoadedModel(model, params, mesh, rules, default_vocabulary(), source)
+
+
+def _checkpoint_directory(path: str) -> str:
+    """Accepts a model_dir too: its `checkpoints/` subdirectory is where `t5k train` writes."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path

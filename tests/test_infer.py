@@ -1,0 +1,139 @@
+"""`t5k infer`: a checkpoint written on a 4×2 mesh serves prompts on one device; bad lines become per-line
+error records while the good lines are answered; a killed run (partial output with a truncated last line)
+resumed by the same call ends with exactly the uninterrupted output."""
+
+import json
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from t5k import checkpoints, decoding, infer, model_loading, optim, partitioning, trainer
+from t5k.models import build_model
+
+GIN = """
+import t5k.models
+build_model.architecture = 'encoder_decoder'
+build_model.config = @TransformerConfig()
+TransformerConfig.vocab_size = 51200
+TransformerConfig.d_model = 16
+TransformerConfig.num_heads = 2
+TransformerConfig.head_dim = 8
+TransformerConfig.d_ff = 32
+TransformerConfig.num_encoder_layers = 1
+TransformerConfig.num_decoder_layers = 1
+TransformerConfig.relative_attention_num_buckets = 8
+TransformerConfig.relative_attention_max_distance = 16
+TransformerConfig.dtype = 'float32'
+DecodeConfig.max_new_tokens = 4
+infer.input_length = 12
+infer.batch_size = 2
+"""
+
+GOOD = [{"prompt": "안녕하세요", "id": "a"}, "서울의 날씨는", {"prompt": "하늘이 파랗다", "stop": ["다"]}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_4x2(tmp_path_factory):
+    """Random parameters saved as a TrainState from a 4×2 FSDP mesh; returns (directory, host params)."""
+    gin.clear_config()
+    gin.parse_config(GIN)
+    model = build_model()
+    rng = np.random.default_rng(0)
+    host = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                  jax.eval_shape(lambda: model_loading.abstract_sharded_params(
+                                      model, *_mesh_4x2())))
+    mesh, rules = _mesh_4x2()
+    target = model_loading.abstract_sharded_params(model, mesh, rules)
+    params = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), host, target)
+    kernel = params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    optimizer = optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01))
+    state = trainer.TrainState(step=np.int32(5), params=params, opt_state=optimizer.init(params),
+                               skipped=np.int32(0))
+    directory = str(tmp_path_factory.mktemp("model_dir") / "checkpoints")
+    manager = checkpoints.checkpoint_manager(directory, save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 5, state, force=True)
+    manager.wait_until_finished()
+    yield directory, host
+    gin.clear_config()
+
+
+def _mesh_4x2():
+    return (partitioning.create_mesh(data=4, model=2, devices=jax.devices()[:8]),
+            partitioning.logical_axis_rules(fsdp=True))
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_bad_lines_become_error_records_and_good_lines_are_answered(checkpoint_4x2, tmp_path):
+    directory, host = checkpoint_4x2
+    lines = [
+        json.dumps(GOOD[0], ensure_ascii=False),
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": "가 " * 30}, ensure_ascii=False),  # 30+ tokens > input_length 12 (EOS included)
+        '{"prompt": "닫히지 않은',
+        json.dumps(GOOD[1], ensure_ascii=False),
+        json.dumps({"prompt": "좋은 아침", "stop": ["\ud800"]}),  # a lone surrogate: not encodable text
+        json.dumps(GOOD[2], ensure_ascii=False),
+    ]
+    source, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    _write_lines(source, lines)
+    # The checkpoint came from 8 devices (4×2); it is served on one.
+    counts = infer.infer(str(source), str(output), directory, num_devices=1, progress=False)
+    assert counts == {"outputs": 3, "errors": 4, "skipped": 0}
+    records = _records(output)
+    assert [r["line"] for r in records] == list(range(1, 8))
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert errors[2] == f'{source}:2: field "prompt" is empty'
+    assert errors[3].startswith(f'{source}:3: field "prompt" is ') and "at most 11" in errors[3]
+    assert errors[4].startswith(f"{source}:4: invalid JSON")
+    assert errors[6].startswith(f'{source}:6: field "stop"[0] cannot be encoded by the vocabulary')
+    answered = [r for r in records if "outputs" in r]
+    assert [r["prompt"] for r in answered] == ["안녕하세요", "서울의 날씨는", "하늘이 파랗다"]
+    assert [r["id"] for r in answered] == ["a", None, None]
+
+    # The outputs are those of the saved parameters: the restored tree equals the saved one, and greedy decoding
+    # (the same program: two rows on the one-device mesh) gives the same texts.
+    loaded = model_loading.load_model(directory, num_devices=1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.params), host)
+    config = decoding.DecodeConfig()
+    with partitioning.activate(loaded.mesh, loaded.rules):
+        expected = decoding.generate_text(loaded.model, loaded.params, loaded.vocabulary,
+                                          ["안녕하세요", "서울의 날씨는"], config)
+        stopped = decoding.generate_text(loaded.model, loaded.params, loaded.vocabulary, ["하늘이 파랗다"] * 2,
+                                         config.replace(stop_strings=("다",)))
+    assert [r["outputs"] for r in answered[:2]] == expected
+    assert answered[2]["outputs"] == stopped[0] and "다" not in stopped[0][0]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path):
+    directory, _ = checkpoint_4x2
+    prompts = ["하나", "둘 셋", "넷", '{"broken', "다섯 여섯", "일곱"]
+    lines = [p if p.startswith("{") else json.dumps({"prompt": p}, ensure_ascii=False) for p in prompts]
+    source = tmp_path / "prompts.jsonl"
+    _write_lines(source, lines)
+    straight = tmp_path / "straight.jsonl"
+    infer.infer(str(source), str(straight), directory, num_devices=1, progress=False)
+    full = straight.read_bytes()
+    complete = full.split(b"\n")
+    # A kill after three records, in the middle of writing the fourth.
+    partial = tmp_path / "partial.jsonl"
+    partial.write_bytes(b"\n".join(complete[:3]) + b"\n" + complete[3][: len(complete[3]) // 2])
+    counts = infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)
+    assert counts == {"outputs": 2, "errors": 1, "skipped": 3}
+    assert partial.read_bytes() == full
+    # Nothing left to do: a rerun writes nothing and changes nothing.
+    assert infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)["skipped"] == 6
+    assert partial.read_bytes() == full
+    # An output written for another input is refused, not silently mixed.
+    _write_lines(source, [json.dumps({"prompt": "전혀 다른 입력"}, ensure_ascii=False)] + lines[1:])
+    with pytest.raises(ValueError, match="line 1 was written for a different prompt"):
+        infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)
