@@ -1,0 +1,224 @@
+"""`t5k eval`: a checkpoint on seqio tasks' validation data, scored by the tasks' own postprocessors and metrics.
+
+    t5k eval --gin_file=gin/models/ct5_tiny.gin --checkpoint runs/quickstart --tasks nsmc,korquad \\
+             --output_dir runs/quickstart/eval [--split validation] [--gin.evaluate.max_examples=200]
+
+For each task, over the first `max_examples` examples of the split in file order:
+
+* predictions: multiple-choice tasks (those with candidate answers: the few-shot templates' `choices`, or gin
+  `evaluate.choices`) are answered by rank classification over the candidates, unless
+  `evaluate.rank_classification=False`; every other task by generation (`t5k.decoding`, gin `DecodeConfig.*`)
+  from the decoded inputs. Rank classification reports the metrics twice: of the argmax of the summed
+  log-likelihood (plain names) and of the per-token mean (names suffixed `_length_normalized`).
+* targets and predictions go through the task's `postprocess_fn` (targets with `is_target=True` and the
+  example, as seqio's Evaluator does), then through its `predict_metric_fns`; `score_metric_fns` get the
+  log-likelihood of each target.
+
+Writes `results.json` (per task: method, examples, metrics; plus the checkpoint, split and the decoding
+settings), `results.md` (one Markdown table row per task and metric) and `predictions/TASK.jsonl`
+(input, target, prediction per example). Each file is written to a temporary path, then renamed.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import gin
+import numpy as np
+
+from t5k import decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring
+
+DEFAULT_LENGTHS = {"inputs": 512, "targets": 128}
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    method: str  # "generation" | "rank_classification"
+    examples: int
+    metrics: Dict[str, float]
+    rows: List[Dict[str, Any]]  # per example: input, target, prediction
+
+
+def task_choices(task_name: str, overrides: Optional[Mapping[str, Sequence[str]]] = None) -> Optional[Tuple[str, ...]]:
+    """The candidate answers of a multiple-choice task (`overrides` first, then the few-shot templates)."""
+    if overrides and task_name in overrides:
+        return tuple(overrides[task_name])
+    template = fewshot.TEMPLATES.get(task_name)
+    return template.choices if template is not None else None
+
+
+def _examples(task_name: str, lengths: Mapping[str, int], split: str, max_examples: Optional[int]):
+    from t5k_tasks import pipeline
+
+    dataset = pipeline.get_dataset(task_name, lengths, split=split, shuffle=False)
+    out = []
+    for example in dataset.as_numpy_iterator():
+        if max_examples is not None and len(out) >= max_examples:
+            break
+        out.append(example)
+    if not out:
+        raise ValueError(f"task {task_name!r} has no {split!r} examples")
+    return out
+
+
+def _ids(array) -> List[int]:
+    """A seqio example's token ids (examples are unpadded, and end with EOS after `append_eos_after_trim`)."""
+    return [int(t) for t in array]
+
+
+def _postprocess(task, text: str, example, is_target: bool):
+    if task.postprocess_fn is None:
+        return text
+    return task.postprocess_fn(text, example=example, is_target=is_target)
+
+
+def _metrics(task, targets: List[Any], predictions: List[Any], scores: Optional[np.ndarray]) -> Dict[str, float]:
+    results: Dict[str, float] = {}
+    for metric_fn in task.predict_metric_fns:
+        results.update(metric_fn(targets, predictions))
+    for metric_fn in task.score_metric_fns:
+        results.update(metric_fn(targets, list(scores)))
+    return {k: float(v) for k, v in results.items()}
+
+
+def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str, max_examples: Optional[int],
+                  batch_size: int, config, choices: Optional[Tuple[str, ...]], seed: int) -> TaskResult:
+    import seqio
+
+    task = seqio.get_mixture_or_task(task_name)
+    if not isinstance(task, seqio.Task):
+        raise ValueError(f"--tasks: {task_name!r} is a mixture; evaluate its tasks by name")
+    vocabulary = loaded.vocabulary
+    examples = _examples(task_name, lengths, split, max_examples)
+    if "inputs" not in examples[0]:
+        raise ValueError(f"task {task_name!r} has no 'inputs' feature: evaluate text-to-text tasks")
+    inputs = [_ids(ex["inputs"]) for ex in examples]
+    target_ids = [_ids(ex["targets"]) for ex in examples]
+    input_texts = [vocabulary.decode(ids) for ids in inputs]
+    target_texts = [vocabulary.decode(ids) for ids in target_ids]
+    targets = [_postprocess(task, text, ex, True) for text, ex in zip(target_texts, examples)]
+    scores = None
+    with partitioning.activate(loaded.mesh, loaded.rules):
+        if task.score_metric_fns:
+            scores = scoring.score(loaded.model, loaded.params, inputs, target_ids, batch_size).log_likelihood
+        if choices:
+            method = "rank_classification"
+            candidate_ids = [list(vocabulary.encode(c)) + [vocabulary.eos_id] for c in choices]
+            flat = scoring.score(loaded.model, loaded.params, [ids for ids in inputs for _ in choices],
+                                 candidate_ids * len(inputs), batch_size)
+            sums = flat.log_likelihood.reshape(len(inputs), len(choices))
+            means = flat.mean_log_likelihood.reshape(len(inputs), len(choices))
+            by_sum = [choices[i] for i in np.argmax(sums, axis=1)]
+            by_mean = [choices[i] for i in np.argmax(means, axis=1)]
+        else:
+            method = "generation"
+            generate = infer.model_generator(loaded, config, batch_size)
+            seeds = [(seed + i) % (1 << 32) for i in range(len(inputs))]
+            by_sum = [samples[0] for samples in generate(input_texts, seeds, ())]
+    predictions = [_postprocess(task, text, ex, False) for text, ex in zip(by_sum, examples)]
+    metrics = _metrics(task, targets, predictions, scores)
+    if method == "rank_classification":
+        normalized = [_postprocess(task, text, ex, False) for text, ex in zip(by_mean, examples)]
+        metrics.update({f"{k}_length_normalized": v
+                        for k, v in _metrics(task, targets, normalized, scores).items()})
+    rows = [{"input": i, "target": t, "prediction": p} for i, t, p in zip(input_texts, target_texts, by_sum)]
+    return TaskResult(task_name, method, len(examples), metrics, rows)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> str:
+    lines = [f"Evaluation of `{source}` on split `{split}`.", "",
+             "| task | method | examples | metric | value |", "|---|---|---:|---|---:|"]
+    for result in results:
+        for name, value in sorted(result.metrics.items()):
+            lines.append(f"| {result.task} | {result.method} | {result.examples} | {name} | {value:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, split: str, config) -> None:
+    os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
+    summary = {"checkpoint": source, "split": split, "decode_config": dataclasses.asdict(config),
+               "tasks": {r.task: {"method": r.method, "examples": r.examples, "metrics": r.metrics}
+                         for r in results}}
+    for result in results:
+        rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
+        _atomic_write(os.path.join(output_dir, "predictions", f"{result.task}.jsonl"), rows)
+    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    _atomic_write(os.path.join(output_dir, "results.md"), markdown_table(results, source, split))
+
+
+@gin.configurable(denylist=["task_names", "output_dir", "checkpoint", "step", "num_devices", "split"])
+def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[str], step: Optional[int] = None,
+             num_devices: Optional[int] = None, split: str = "validation",
+             task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS, max_examples: Optional[int] = None,
+             batch_size: int = 8, rank_classification: bool = True,
+             choices: Optional[Mapping[str, Sequence[str]]] = None, seed: int = 0) -> List[TaskResult]:
+    """Evaluates the gin model restored from `checkpoint` (None: random parameters, labelled so) on each task.
+
+    task_feature_lengths: inputs/targets are trimmed to these (as in training). choices: extra multiple-choice
+    tasks, `{task: (answer, ...)}` in the order of the task's labels.
+    """
+    import t5k_tasks  # noqa: F401  (registers the tasks)
+    import seqio
+
+    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    missing = [name for name in task_names if name not in known]
+    if missing:
+        raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} (see `t5k tasks list`)")
+    config = decoding.DecodeConfig()
+    loaded = model_loading.load_model(checkpoint, step, num_devices)
+    if loaded.source == model_loading.RANDOM_INIT:
+        print("t5k eval: no --checkpoint: RANDOMLY INITIALISED parameters (results labelled random-init)",
+              file=sys.stderr)
+    if batch_size % loaded.mesh.shape["data"]:
+        raise ValueError(f"evaluate.batch_size={batch_size} is not divisible by the mesh's data axis "
+                         f"({loaded.mesh.shape['data']})")
+    results = []
+    for name in task_names:
+        task_choices_ = task_choices(name, choices) if rank_classification else None
+        result = evaluate_task(loaded, name, task_feature_lengths, split, max_examples, batch_size, config,
+                               task_choices_, seed)
+        print(f"t5k eval: {name} ({result.method}, {result.examples} examples): "
+              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())), flush=True)
+        results.append(result)
+    write_reports(output_dir, results, loaded.source, split, config)
+    return results
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    gin_utils.add_gin_arguments(parser)
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory of `t5k train` (model_dir, its checkpoints/ or a step); "
+                             "omitted: random parameters (smoke tests only, labelled random-init)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tasks", required=True, help="comma-separated seqio task names")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--output_dir", required=True, help="where results.json, results.md, predictions/ go")
+    parser.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
+
+
+def run(args: argparse.Namespace, bindings=()) -> int:
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    try:
+        if not tasks:
+            raise ValueError("--tasks: expected at least one task name")
+        gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
+        evaluate(tasks, args.output_dir, args.checkpoint, args.step, args.num_devices, args.split)
+    except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"t5k eval: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(os.path.join(args.output_dir, "results.md"))
+    return 0

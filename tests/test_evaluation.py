@@ -1,0 +1,116 @@
+"""`t5k eval` end to end (in-process CLI): a multiple-choice task by rank classification and a generative task,
+each scored by its own postprocessor and metrics, reported in results.json, results.md and predictions/."""
+
+import json
+
+import gin
+import jax
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from t5k import checkpoints, cli, metrics, scoring
+from t5k.models import EncoderDecoder, TransformerConfig, abstract_params
+from t5k.trainer import unbox_values
+from t5k.vocab import default_vocabulary
+
+CONFIG = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+              num_decoder_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+              dtype="float32")
+GIN = "import t5k.models\nbuild_model.architecture = 'encoder_decoder'\nbuild_model.config = @TransformerConfig()\n" + \
+      "".join(f"TransformerConfig.{k} = {v!r}\n" for k, v in CONFIG.items())
+LABELS = ("부정", "긍정")
+REVIEWS = [("재미있다", "긍정"), ("지루하다", "부정"), ("최고의 영화", "긍정"), ("돈이 아깝다", "부정"), ("또 보고 싶다", "긍정")]
+
+
+def _label(output, example=None, is_target=False):
+    text = output.decode() if isinstance(output, bytes) else output
+    return LABELS.index(text.strip()) if text.strip() in LABELS else -1
+
+
+def mean_target_log_likelihood(targets, scores):
+    return {"mean_target_log_likelihood": float(np.mean(scores))}
+
+
+def _register(name, records, postprocess_fn, metric_fns):
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    features = {k: seqio.Feature(default_vocabulary(), add_eos=True) for k in ("inputs", "targets")}
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        return tf.data.Dataset.from_tensor_slices({k: [r[k] for r in records] for k in ("inputs", "targets")})
+
+    seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(dataset_fn, splits=["validation"]),
+                           preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+                           output_features=features, postprocess_fn=postprocess_fn, metric_fns=metric_fns)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    _register("t5k_test_reviews", [{"inputs": f"리뷰: {t}", "targets": y} for t, y in REVIEWS], _label,
+              [metrics.classification_metrics, mean_target_log_likelihood])
+    _register("t5k_test_answers", [{"inputs": f"질문: {t}", "targets": t.split()[0]} for t, _ in REVIEWS], None,
+              [metrics.squad])
+    root = tmp_path_factory.mktemp("eval")
+    (root / "tiny.gin").write_text(GIN)
+    # A parameters-only checkpoint of random weights (numpy: no init program to compile).
+    model = EncoderDecoder(TransformerConfig(**CONFIG))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    unbox_values(abstract_params(model)))
+    manager = checkpoints.checkpoint_manager(str(root / "ckpt"), save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 1, params, force=True)
+    manager.wait_until_finished()
+    yield root, model, params
+    gin.clear_config()
+    for name in ("t5k_test_reviews", "t5k_test_answers"):
+        seqio.TaskRegistry.remove(name)
+
+
+def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup):
+    root, model, params = setup
+    gin.clear_config()
+    out = root / "out"
+    code = cli.main(["eval", f"--gin_file={root / 'tiny.gin'}", f"--checkpoint={root / 'ckpt'}",
+                     "--tasks=t5k_test_reviews,t5k_test_answers", f"--output_dir={out}",
+                     "--gin.evaluate.choices={'t5k_test_reviews': ('부정', '긍정')}", "--gin.evaluate.batch_size=8",
+                     "--gin.DecodeConfig.max_new_tokens=3", "--gin.evaluate.task_feature_lengths="
+                     "{'inputs': 16, 'targets': 8}"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    reviews, answers = results["tasks"]["t5k_test_reviews"], results["tasks"]["t5k_test_answers"]
+    assert results["checkpoint"].endswith("ckpt") and results["split"] == "validation"
+    assert (reviews["method"], reviews["examples"], answers["method"], answers["examples"]) == (
+        "rank_classification", 5, "generation", 5)
+    assert set(reviews["metrics"]) == {"accuracy", "macro_f1", "mean_target_log_likelihood",
+                                       "accuracy_length_normalized", "macro_f1_length_normalized",
+                                       "mean_target_log_likelihood_length_normalized"}
+    assert set(answers["metrics"]) == {"em", "f1"}
+
+    # The reported numbers are those of the written predictions (rank classification by the summed score).
+    rows = [json.loads(line) for line in (out / "predictions" / "t5k_test_reviews.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == [y for _, y in REVIEWS] and {r["prediction"] for r in rows} <= set(LABELS)
+    accuracy = 100.0 * np.mean([r["prediction"] == r["target"] for r in rows])
+    assert reviews["metrics"]["accuracy"] == pytest.approx(accuracy)
+    # ... and the rank classification is the argmax of the candidates' scores from t5k.scoring.
+    vocab = default_vocabulary()
+    ranked = scoring.rank_classify(model, params, vocab, [f"리뷰: {t}" for t, _ in REVIEWS],
+                                   [list(LABELS)] * len(REVIEWS))
+    assert [r["prediction"] for r in rows] == [LABELS[r.best_by_sum] for r in ranked]
+
+    table = (out / "results.md").read_text().splitlines()
+    assert "| task | method | examples | metric | value |" in table
+    for name in ("accuracy", "macro_f1", "mean_target_log_likelihood"):
+        assert any(line.startswith(f"| t5k_test_reviews | rank_classification | 5 | {name} |") for line in table)
+    for name in ("em", "f1"):
+        assert any(line.startswith(f"| t5k_test_answers | generation | 5 | {name} |") for line in table)
+
+
+def test_unknown_task_is_one_clear_error(setup, capsys):
+    root, _, _ = setup
+    gin.clear_config()
+    code = cli.main(["eval", f"--gin_file={root / 'tiny.gin'}", "--tasks=no_such_task",
+                     f"--output_dir={root / 'bad'}"])
+    assert code == 2
+    assert "t5k eval: --tasks: no task named 'no_such_task'" in capsys.readouterr().err
