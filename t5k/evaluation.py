@@ -14,6 +14,10 @@ For each task, over the first `max_examples` examples of the split in file order
   example, as seqio's Evaluator does), then through its `predict_metric_fns`; `score_metric_fns` get the
   log-likelihood of each target.
 
+With `evaluate.fewshot_k=K` the tasks are evaluated in context instead (decoder-only models): K-shot prompts
+from `t5k.fewshot` templates, shots from the train split, rank classification over the template's candidates
+or generation up to the end of the line.
+
 Writes `results.json` (per task: method, examples, metrics; plus the checkpoint, split and the decoding
 settings), `results.md` (one Markdown table row per task and metric) and `predictions/TASK.jsonl`
 (input, target, prediction per example). Each file is written to a temporary path, then renamed.
@@ -37,7 +41,7 @@ DEFAULT_LENGTHS = {"inputs": 512, "targets": 128}
 @dataclasses.dataclass
 class TaskResult:
     task: str
-    method: str  # "generation" | "rank_classification"
+    method: str  # "generation" | "rank_classification", prefixed "K-shot " for few-shot evaluation
     examples: int
     metrics: Dict[str, float]
     rows: List[Dict[str, Any]]  # per example: input, target, prediction
@@ -77,10 +81,11 @@ def _postprocess(task, text: str, example, is_target: bool):
 
 
 def _metrics(task, targets: List[Any], predictions: List[Any], scores: Optional[np.ndarray]) -> Dict[str, float]:
+    """The task's predict metrics, and its score metrics when `scores` (target log-likelihoods) are given."""
     results: Dict[str, float] = {}
     for metric_fn in task.predict_metric_fns:
         results.update(metric_fn(targets, predictions))
-    for metric_fn in task.score_metric_fns:
+    for metric_fn in task.score_metric_fns if scores is not None else ():
         results.update(metric_fn(targets, list(scores)))
     return {k: float(v) for k, v in results.items()}
 
@@ -129,6 +134,42 @@ def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str
     return TaskResult(task_name, method, len(examples), metrics, rows)
 
 
+def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: Optional[int], batch_size: int,
+                     config, rank_classification: bool, seed: int) -> TaskResult:
+    """k-shot in-context evaluation from the task's few-shot template (`t5k.fewshot`), shots from its train
+    split: rank classification over the template's candidates, or generation up to the end of the line."""
+    import seqio
+
+    task = seqio.get_mixture_or_task(task_name)
+    template = fewshot.template_for(task_name)
+    examples = fewshot.fewshot_examples(task_name, k, seed, split=split, max_examples=max_examples)
+    if not examples:
+        raise ValueError(f"task {task_name!r} has no {split!r} records for few-shot evaluation")
+    prompts = [e.prompt for e in examples]
+    with partitioning.activate(loaded.mesh, loaded.rules):
+        if template.choices and rank_classification:
+            method = f"{k}-shot rank_classification"
+            ranked = scoring.rank_classify(loaded.model, loaded.params, loaded.vocabulary, prompts,
+                                           [e.candidates for e in examples], batch_size, continuation_eos=False)
+            by_sum = [template.choices[r.best_by_sum] for r in ranked]
+            by_mean = [template.choices[r.best_by_mean] for r in ranked]
+        else:
+            method = f"{k}-shot generation"
+            line_end = config.replace(stop_strings=tuple(dict.fromkeys(config.stop_strings + ("\n",))))
+            generate = infer.model_generator(loaded, line_end, batch_size)
+            seeds = [(seed + i) % (1 << 32) for i in range(len(prompts))]
+            by_sum = [samples[0].strip() for samples in generate(prompts, seeds, ())]
+    targets = [_postprocess(task, e.target, e.record, True) for e in examples]
+    predictions = [_postprocess(task, text, e.record, False) for text, e in zip(by_sum, examples)]
+    metrics = _metrics(task, targets, predictions, None)
+    if method.endswith("rank_classification"):
+        normalized = [_postprocess(task, text, e.record, False) for text, e in zip(by_mean, examples)]
+        metrics.update({f"{name}_length_normalized": value
+                        for name, value in _metrics(task, targets, normalized, None).items()})
+    rows = [{"input": e.prompt, "target": e.target, "prediction": p} for e, p in zip(examples, by_sum)]
+    return TaskResult(task_name, method, len(examples), metrics, rows)
+
+
 # ------------------------------------------------------------------------------------------------ reports
 
 
@@ -165,11 +206,13 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
              num_devices: Optional[int] = None, split: str = "validation",
              task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS, max_examples: Optional[int] = None,
              batch_size: int = 8, rank_classification: bool = True,
-             choices: Optional[Mapping[str, Sequence[str]]] = None, seed: int = 0) -> List[TaskResult]:
+             choices: Optional[Mapping[str, Sequence[str]]] = None, fewshot_k: int = 0,
+             seed: int = 0) -> List[TaskResult]:
     """Evaluates the gin model restored from `checkpoint` (None: random parameters, labelled so) on each task.
 
     task_feature_lengths: inputs/targets are trimmed to these (as in training). choices: extra multiple-choice
-    tasks, `{task: (answer, ...)}` in the order of the task's labels.
+    tasks, `{task: (answer, ...)}` in the order of the task's labels. fewshot_k > 0: in-context evaluation
+    with the tasks' few-shot templates (for decoder-only models; `t5k.fewshot`), k shots per query.
     """
     import t5k_tasks  # noqa: F401  (registers the tasks)
     import seqio
@@ -178,6 +221,11 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
     missing = [name for name in task_names if name not in known]
     if missing:
         raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} (see `t5k tasks list`)")
+    if fewshot_k:
+        untemplated = [name for name in task_names if name not in fewshot.TEMPLATES]
+        if untemplated:
+            raise ValueError(f"evaluate.fewshot_k={fewshot_k}: no few-shot template for {', '.join(untemplated)} "
+                             f"(templates: {', '.join(sorted(fewshot.TEMPLATES))})")
     config = decoding.DecodeConfig()
     loaded = model_loading.load_model(checkpoint, step, num_devices)
     if loaded.source == model_loading.RANDOM_INIT:
@@ -188,9 +236,12 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
                          f"({loaded.mesh.shape['data']})")
     results = []
     for name in task_names:
-        task_choices_ = task_choices(name, choices) if rank_classification else None
-        result = evaluate_task(loaded, name, task_feature_lengths, split, max_examples, batch_size, config,
-                               task_choices_, seed)
+        if fewshot_k:
+            result = evaluate_fewshot(loaded, name, fewshot_k, split, max_examples, batch_size, config,
+                                      rank_classification, seed)
+        else:
+            result = evaluate_task(loaded, name, task_feature_lengths, split, max_examples, batch_size, config,
+                                   task_choices(name, choices) if rank_classification else None, seed)
         print(f"t5k eval: {name} ({result.method}, {result.examples} examples): "
               + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())), flush=True)
         results.append(result)

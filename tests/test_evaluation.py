@@ -114,3 +114,45 @@ def test_unknown_task_is_one_clear_error(setup, capsys):
                      f"--output_dir={root / 'bad'}"])
     assert code == 2
     assert "t5k eval: --tasks: no task named 'no_such_task'" in capsys.readouterr().err
+
+
+DECODER = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=0,
+               num_decoder_layers=1, dtype="float32", norm="layer", use_bias=True, position_embedding="absolute",
+               max_length=256, tie_embeddings=True, scale_attention_logits=True, mlp_activations=("gelu",))
+DECODER_GIN = "import t5k.models\nbuild_model.architecture = 'decoder_only'\nbuild_model.config = @TransformerConfig()\n" + \
+    "".join(f"TransformerConfig.{k} = {v!r}\n" for k, v in DECODER.items())
+
+
+def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, monkeypatch):
+    """`evaluate.fewshot_k`: NSMC's template, shots from (here: in-memory) train records, rank classification."""
+    from t5k import fewshot
+    from t5k.models import DecoderOnly
+
+    records = {split: [{"inputs": f"nsmc 문장: {t} {split}", "targets": y} for t, y in REVIEWS]
+               for split in ("train", "validation")}
+    monkeypatch.setattr(fewshot, "_records_fn", lambda name: records.__getitem__)
+    (tmp_path / "decoder.gin").write_text(DECODER_GIN)
+    gin.clear_config()
+    model = DecoderOnly(TransformerConfig(**DECODER))
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    unbox_values(abstract_params(model)))
+    manager = checkpoints.checkpoint_manager(str(tmp_path / "ckpt"), save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 1, params, force=True)
+    manager.wait_until_finished()
+    out = tmp_path / "out"
+    assert cli.main(["eval", f"--gin_file={tmp_path / 'decoder.gin'}", f"--checkpoint={tmp_path / 'ckpt'}",
+                     "--tasks=nsmc", f"--output_dir={out}", "--gin.evaluate.fewshot_k=2", "--num_devices=1"]) == 0
+    result = json.loads((out / "results.json").read_text())["tasks"]["nsmc"]
+    assert result["method"] == "2-shot rank_classification" and result["examples"] == 5
+    assert set(result["metrics"]) == {"accuracy", "macro_f1", "accuracy_length_normalized",
+                                      "macro_f1_length_normalized"}
+    rows = [json.loads(line) for line in (out / "predictions" / "nsmc.jsonl").read_text().splitlines()]
+    examples = fewshot.fewshot_examples("nsmc", 2, seed=0)
+    assert [r["input"] for r in rows] == [e.prompt for e in examples]
+    assert all(r["input"].count("\n감정: ") == 2 and r["input"].endswith("validation\n감정:") for r in rows)
+    ranked = scoring.rank_classify(model, params, default_vocabulary(), [e.prompt for e in examples],
+                                   [e.candidates for e in examples])
+    assert [r["prediction"] for r in rows] == [fewshot.TEMPLATES["nsmc"].choices[r.best_by_sum] for r in ranked]
+    accuracy = 100.0 * np.mean([r["prediction"] == r["target"] for r in rows])
+    assert result["metrics"]["accuracy"] == pytest.approx(accuracy)
