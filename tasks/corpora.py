@@ -367,25 +367,57 @@ def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], batch: int 
     return [vocabulary.encode(t) for t in texts]
 
 
-def tokenize_to_cache(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary) -> Tuple[np.ndarray, np.ndarray]:
-    """(flat int32 tokens, int64 offsets [n+1]) of `texts`, from the on-disk cache when the same texts were
-    tokenized by the same vocabulary before (key: sha1 of the texts and of the vocabulary files)."""
-    h = hashlib.sha1()
+def _cached_arrays(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary, build: Callable[[], dict],
+                   definition: str = "") -> dict:
+    """`build()` (a dict of numpy arrays), stored on disk and reused while the texts, the vocabulary files and
+    `definition` (what `build` computes, when more than tokens) stay the same."""
+    h = hashlib.sha1(definition.encode("utf-8"))
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
     path = cache_dir() / f"{name}-{vocab_fingerprint(vocabulary)}-{h.hexdigest()[:16]}.npz"
     if path.exists():
         with np.load(path) as z:
-            return z["tokens"], z["offsets"]
-    ids = encode_texts(vocabulary, list(texts))
-    offsets = np.zeros(len(ids) + 1, np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in ids])
-    tokens = np.fromiter((t for x in ids for t in x), np.int32, count=int(offsets[-1]))
+            return dict(z)
+    arrays = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, tokens=tokens, offsets=offsets)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    return tokens, offsets
+    return arrays
+
+
+def _flatten(rows: Sequence[Sequence[int]], dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """(flat values, int64 offsets [n+1]) of ragged rows."""
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in rows])
+    return np.fromiter((t for x in rows for t in x), dtype, count=int(offsets[-1])), offsets
+
+
+def tokenize_to_cache(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary) -> Tuple[np.ndarray, np.ndarray]:
+    """(flat int32 tokens, int64 offsets [n+1]) of `texts`, from the on-disk cache when the same texts were
+    tokenized by the same vocabulary before (key: sha1 of the texts and of the vocabulary files)."""
+
+    def build():
+        tokens, offsets = _flatten(encode_texts(vocabulary, list(texts)), np.int32)
+        return {"tokens": tokens, "offsets": offsets}
+
+    arrays = _cached_arrays(name, texts, vocabulary, build)
+    return arrays["tokens"], arrays["offsets"]
+
+
+def salient_to_cache(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary):
+    """(flat int32 tokens, int32 0/1 salient flags, int64 offsets [n+1]) of `texts` (`t5k.salient`), cached
+    like `tokenize_to_cache` (the key also covers `salient.DEFINITION` and the analyser version)."""
+    from t5k import morph, salient
+
+    def build():
+        rows = salient.salient_tokens(vocabulary, list(texts))
+        tokens, offsets = _flatten([ids for ids, _ in rows], np.int32)
+        flags, _ = _flatten([f for _, f in rows], np.int32)
+        return {"tokens": tokens, "salient": flags, "offsets": offsets}
+
+    arrays = _cached_arrays(name, texts, vocabulary, build, f"{salient.DEFINITION} {morph.analyser_version()}")
+    return arrays["tokens"], arrays["salient"], arrays["offsets"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,6 +517,34 @@ class DocumentSource(_IndexedSource):
         texts = [d.text for d in _shard(self.documents()[split], shard_info)]
         texts_t = tf.constant(texts if texts else [""], tf.string)
         return index_stream(len(texts), shuffle, seed).map(lambda i: {"text": texts_t[i]})
+
+
+class SalientDocumentSource(DocumentSource):
+    """Documents as {"targets": int32 ids, "salient_mask": int32 0/1 per id} (proper nouns, numbers, dates; see
+    `t5k.salient`), computed once per corpus and vocabulary through the token cache. Needs a morph_bbpe
+    vocabulary."""
+
+    def __init__(self, files_fn: Callable[[], Sequence[Path]], vocabulary: seqio.Vocabulary, name: str = "prose"):
+        super().__init__(files_fn, vocabulary, tokenized=True, name=f"{name}_salient")
+
+    @functools.lru_cache(maxsize=None)
+    def salient(self, split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        texts = [d.text for d in self.documents()[split]]
+        return salient_to_cache(f"{self._name}-{split}", texts, self._vocabulary)
+
+    def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *, sequence_length=None,
+                    use_cached=False, num_epochs=1):
+        del sequence_length, use_cached, num_epochs
+        tokens, flags, offsets = self.salient(split)
+        docs = np.array(_shard(list(range(len(offsets) - 1)), shard_info), np.int64)
+        tokens_t, flags_t, offsets_t, docs_t = (tf.constant(a) for a in (tokens, flags, offsets, docs))
+
+        def lookup(i):
+            d = docs_t[i]
+            start, end = offsets_t[d], offsets_t[d + 1]
+            return {"targets": tokens_t[start:end], "salient_mask": flags_t[start:end]}
+
+        return index_stream(len(docs), shuffle, seed).map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 class SessionSource(_IndexedSource):

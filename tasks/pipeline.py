@@ -14,7 +14,7 @@ Every task pipeline is ``source -> [tokenize] -> [chunk] -> index_examples -> ob
 
 import contextlib
 import zlib
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import gin
 import seqio
@@ -90,33 +90,41 @@ def tokenize_batched(dataset, output_features, keys=("inputs", "targets"), text_
 
 
 def concat_and_split(dataset, sequence_length, output_features=None, length_key: Optional[str] = None,
-                     noise_density: float = 0.15, mean_noise_span_length: float = 3.0, docs_per_block: int = 32):
+                     noise_density: float = 0.15, mean_noise_span_length: float = 3.0, docs_per_block: int = 32,
+                     keys: Sequence[str] = ("targets",)):
     """Concatenates the documents' `targets` in stream order and cuts the result into chunks (T5's reduce_concat
     + split): of the raw length that span corruption turns into exactly ``sequence_length["inputs"]`` (568 for
     512), or of ``sequence_length[length_key] - 1`` (room for EOS) when `length_key` is given. An endless stream
-    gives only full chunks; a finite one ends with the remainder (never dropped)."""
+    gives only full chunks; a finite one ends with the remainder (never dropped). Further `keys` aligned with
+    `targets` (e.g. "salient_mask": one int per token) are concatenated and cut the same way."""
     del output_features
     if length_key:
         raw = sequence_length[length_key] - 1
     else:
         raw, _ = denoise.raw_length_for_inputs(sequence_length["inputs"], noise_density, mean_noise_span_length)
-    blocks = dataset.map(lambda ex: {"t": ex["targets"], "end": False}).ragged_batch(docs_per_block)
-    end = {"t": tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int32), tf.zeros([0], tf.int64)),
+    width = len(keys)
+
+    def columns(ex):  # int32 [length, width]: the aligned features side by side
+        return {"t": tf.stack([tf.cast(ex[k], tf.int32) for k in keys], axis=1), "end": False}
+
+    blocks = dataset.map(plain_graph(columns)).ragged_batch(docs_per_block)
+    end = {"t": tf.RaggedTensor.from_row_lengths(tf.zeros([0, width], tf.int32), tf.zeros([0], tf.int64)),
            "end": tf.constant([True])}
     blocks = blocks.concatenate(tf.data.Dataset.from_tensors(end))
 
     def cut(carry, block):
-        flat = tf.concat([carry, tf.cast(block["t"].flat_values, tf.int32)], 0)
-        n = tf.size(flat) // raw
-        rest = tf.size(flat) - n * raw
+        flat = tf.concat([carry, block["t"].flat_values], 0)  # [tokens, width]
+        total = tf.shape(flat)[0]
+        n = total // raw
+        rest = total - n * raw
         flush_rest = tf.reshape(tf.reduce_any(block["end"]) & (rest > 0), [1])
         lengths = tf.concat([tf.fill([n], raw), tf.boolean_mask(tf.reshape(rest, [1]), flush_rest)], 0)
         used = tf.reduce_sum(lengths)
         chunks = tf.RaggedTensor.from_row_lengths(flat[:used], tf.cast(lengths, tf.int64))
         return flat[used:], chunks
 
-    chunks = blocks.scan(tf.zeros([0], tf.int32), plain_graph(cut))
-    return chunks.unbatch().map(lambda c: {"targets": c})
+    chunks = blocks.scan(tf.zeros([0, width], tf.int32), plain_graph(cut))
+    return chunks.unbatch().map(plain_graph(lambda c: {k: c[:, j] for j, k in enumerate(keys)}))
 
 
 def rename(dataset, mapping: Mapping[str, str]):

@@ -11,9 +11,11 @@ otherwise), are tokenized once into the token cache, concatenated in the seeded 
 | ko_span_corruption_{wikinews,book_review,fairytale} | same, one embedded corpus each (mixtures) | same | same |
 | ko_prefix_lm, ko_bert_mlm, ko_deshuffle, ko_iid_replace_span, ko_iid_drop_tokens, ko_ul2 | see denoise.py | inputs - 1 | targets = inputs for MLM/deshuffle |
 | ko_lm | decoder-only LM (targets only) | targets - 1 | any |
+| ko_salient_span | salient span masking: proper nouns, numbers, dates (`t5k.salient`) -> sentinels | inputs - 1 | any |
 """
 
 import functools
+from typing import Sequence
 
 import seqio
 
@@ -38,16 +40,22 @@ CORPUS_SOURCES = {
 }
 
 
-def _chunks(mode: str):
-    return concat_and_split if mode == "span_corruption" else functools.partial(concat_and_split, length_key=mode)
+SALIENT_PROSE = corpora.SalientDocumentSource(corpora.pretraining_files, VOCAB, name="prose")
+
+
+def _chunks(mode: str, keys: Sequence[str]):
+    if mode == "span_corruption":
+        return functools.partial(concat_and_split, keys=keys)
+    return functools.partial(concat_and_split, length_key=mode, keys=keys)
 
 
 def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
-             fixed_length: bool = False, salt: str = "", **kwargs) -> seqio.Task:
+             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), **kwargs) -> seqio.Task:
+    """Registers `name`: source -> [tokenize] -> chunks of `keys` -> index -> `preprocessor` -> EOS."""
     steps = []
     if source is PROSE_TEXT:
         steps.append(functools.partial(tokenize_batched, text_key="text"))
-    steps += [_chunks(chunk), index_examples, seeded(preprocessor, salt=salt or name, **kwargs),
+    steps += [_chunks(chunk, keys), index_examples, seeded(preprocessor, salt=salt or name, **kwargs),
               seqio.preprocessors.append_eos_after_trim]
     task = seqio.TaskRegistry.add(name, source=source, preprocessors=steps, output_features=features,
                                   shuffle_buffer_size=None, metric_fns=[], task_cls=T5kTask)
@@ -74,3 +82,5 @@ register("ko_iid_replace_span", denoise.iid_replace_span)
 register("ko_iid_drop_tokens", denoise.iid_drop_tokens)
 register("ko_ul2", denoise.ul2, mode_tokens=UL2_MODE_TOKENS)
 register("ko_lm", _lm, chunk="targets", features=LM_FEATURES)
+# Every salient span whose targets fit the targets length (random spans first), one chunk of inputs - 1 tokens each.
+register("ko_salient_span", denoise.salient_span_masking, source=SALIENT_PROSE, keys=("targets", "salient_mask"))

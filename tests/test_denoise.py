@@ -1,7 +1,6 @@
 """Denoising preprocessors: exact small cases, statistics over >= 10k sequences, reconstruction, determinism."""
 
 import numpy as np
-import pytest
 import seqio
 import tensorflow as tf
 from hypothesis import given, settings
@@ -308,15 +307,28 @@ def test_salient_span_masking_masks_exactly_the_salient_spans():
         assert_equal(merge_sentinels(ex["inputs"], ex["targets"]), row["targets"])
 
 
-def test_salient_features_from_the_analyser():
-    pytest.importorskip("kiwipiepy")
-    text = "2024년 3월 김철수가 서울에서 3,000원을 냈다"
-    spans = dn.salient_char_spans(text)
-    assert [text[a:b] for a, b in spans] == ["2024년", "3월", "김철수", "서울", "3,000원"]
-    features = dn.salient_features(text, lambda s: [ord(c) for c in s])  # one id per character
-    assert "".join(chr(t) for t in features["targets"]) == text
-    flagged = "".join(chr(t) if f else "_" for t, f in zip(features["targets"], features["salient_mask"]))
-    assert flagged == "2024년_3월_김철수__서울___3,000원____"
+def test_salient_span_masking_keeps_the_spans_that_fit_the_targets_length():
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(500):
+        length = int(rng.integers(20, 120))
+        rows.append({"targets": rng.integers(10, SENTINEL_FLOOR, length).astype(np.int32),
+                     "salient_mask": (rng.random(length) < 0.3).astype(np.int32)})
+    rows = [r for r in rows if r["salient_mask"].any()]
+    examples = collect(dn.salient_span_masking(salient_source(rows), {"targets": 16}, OUTPUT_FEATURES, seed=2))
+    assert len(examples) == len(rows)
+    masked_fraction = []
+    for ex, row in zip(examples, rows):
+        assert len(ex["targets"]) <= 15  # room for EOS: nothing is trimmed later
+        mask = merge_mask(ex["inputs"], ex["targets"])
+        assert (mask <= row["salient_mask"].astype(bool)).all()
+        assert_equal(merge_sentinels(ex["inputs"], ex["targets"]), row["targets"])
+        masked_fraction.append(mask.sum() / row["salient_mask"].sum())
+        salient = row["salient_mask"].astype(bool)
+        num_spans = int((salient & ~np.concatenate([[False], salient[:-1]])).sum())
+        if salient.sum() + num_spans + 1 <= 15:  # every span fits: every span is masked
+            assert_equal(mask, salient)
+    assert 0.2 < np.mean(masked_fraction) < 1.0  # long rows lose spans, short rows keep them all
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -406,9 +406,11 @@ def ul2_objective(vocab_size: int, mode_tokens: Mapping[str, Sequence[int]],
 # ----------------------------------------------------------------------------------------------------------
 
 
-def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None):
+def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None, max_target_tokens: Optional[int] = None):
     """Masks salient spans (runs of `salient_mask` tokens) with sentinels; `max_spans` picks that many at random
-    (REALM masks one), None masks all. Takes (tokens, seed, salient [L] 0/1).
+    (REALM masks one), None masks all. `max_target_tokens` then keeps only spans whose targets fit: the spans are
+    visited in a random order and kept while the targets (each span + its sentinel, + the final sentinel) fit.
+    Takes (tokens, seed, salient [L] 0/1).
 
     tokens 김철수 가 2024 년 에 왔다, salient [1 0 1 1 0 0]
       -> inputs [<extra_id_0> 가 <extra_id_1> 에 왔다], targets [<extra_id_0> 김철수 <extra_id_1> 2024 년 <extra_id_2>]
@@ -418,19 +420,36 @@ def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None):
         salient = tf.cast(salient, tf.bool)
         if max_spans is not None:
             salient = _keep_random_spans(salient, max_spans, seed)
+        if max_target_tokens is not None:
+            salient = _keep_spans_that_fit(salient, max_target_tokens, subseed(seed, 1))
         return sentinel_pair(tokens, salient, vocab_size)
 
     return objective
 
 
+def _spans(mask):
+    """(span index of each token [L] (-1 before the first span), number of spans) of the runs of True in `mask`."""
+    starts = tf.logical_and(mask, tf.logical_not(tf.pad(mask[:-1], [[1, 0]])))
+    return tf.cumsum(tf.cast(starts, tf.int32)) - 1, tf.reduce_sum(tf.cast(starts, tf.int32))
+
+
 def _keep_random_spans(mask, max_spans: int, seed):
     """Keeps `max_spans` uniformly chosen runs of True in `mask` (bool [L]) and clears the others."""
-    starts = tf.logical_and(mask, tf.logical_not(tf.pad(mask[:-1], [[1, 0]])))
-    span_of_token = tf.cumsum(tf.cast(starts, tf.int32)) - 1  # [L], -1 before the first span
-    num_spans = tf.reduce_sum(tf.cast(starts, tf.int32))
+    span_of_token, num_spans = _spans(mask)
     scores = tf.random.stateless_uniform([num_spans], seed)
     rank = tf.argsort(tf.argsort(scores))  # [num_spans], a random ranking
     keep_span = rank < max_spans
+    return tf.logical_and(mask, tf.gather(keep_span, tf.maximum(span_of_token, 0)))
+
+
+def _keep_spans_that_fit(mask, budget: int, seed):
+    """Keeps the runs of True in `mask` (bool [L]) of the longest prefix of a random span order whose targets,
+    sum(span length + 1 sentinel) + 1 final sentinel, fit in `budget` tokens."""
+    span_of_token, num_spans = _spans(mask)
+    lengths = tf.math.unsorted_segment_sum(tf.cast(mask, tf.int32), tf.maximum(span_of_token, 0), num_spans)
+    order = tf.argsort(tf.random.stateless_uniform([num_spans], seed))  # [num_spans] span ids, random order
+    fits = tf.cumsum(tf.gather(lengths, order) + 1) + 1 <= budget
+    keep_span = tf.scatter_nd(order[:, None], fits, [num_spans])
     return tf.logical_and(mask, tf.gather(keep_span, tf.maximum(span_of_token, 0)))
 
 
@@ -504,70 +523,11 @@ def ul2(dataset, sequence_length, output_features, mode_tokens: Mapping[str, Seq
 
 def salient_span_masking(dataset, sequence_length, output_features, seed: int = 0, max_spans: Optional[int] = None,
                          counter: Optional[DropCounter] = None):
-    """Reads `targets` and `salient_mask` (same length; see `salient_features`). Sequences without a salient
-    token are dropped, counted as "no_salient_span"."""
-    del sequence_length
-    objective = salient_span_objective(_vocab_size(output_features), max_spans)
+    """Reads `targets` and `salient_mask` (same length; see `t5k.salient`). Sequences without a salient token are
+    dropped, counted as "no_salient_span". With `sequence_length`, spans are kept only while the targets fit
+    ``sequence_length["targets"]`` with EOS (see `salient_span_objective`), so no target is ever trimmed."""
+    budget = sequence_length["targets"] - 1 if sequence_length else None
+    objective = salient_span_objective(_vocab_size(output_features), max_spans, budget)
     dataset = filter_with_count(
         dataset, lambda ex: tf.reduce_any(tf.cast(ex["salient_mask"], tf.bool)), "no_salient_span", counter)
     return apply_objective(dataset, objective, seed, counter, extra_keys=("salient_mask",))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Salient spans from the morphological analyser (Python side, before tokenization; optional kiwipiepy)
-# ----------------------------------------------------------------------------------------------------------
-
-SALIENT_TAGS = frozenset({"NNP", "SN", "W_SERIAL"})  # proper nouns, numbers, dates/serials like 2024.03.01
-NUMBER_UNITS = frozenset({"년", "월", "일", "시", "분", "초", "원", "명", "개", "%"})  # dates, times, amounts
-_kiwi = None
-
-
-def _analyser():
-    global _kiwi
-    if _kiwi is None:
-        from kiwipiepy import Kiwi  # optional dependency; loading takes seconds, so once and lazily
-
-        _kiwi = Kiwi()
-    return _kiwi
-
-
-def salient_char_spans(text: str, analyse=None) -> list:
-    """[(start, end)] character spans of salient morphemes: NNP, SN (+ a following unit: 년, 월, 원, ...), W_SERIAL.
-
-    `analyse(text)` returns tokens with .tag/.start/.len/.form (default: kiwipiepy's Kiwi().tokenize).
-    "2024년 3월 김철수가" -> [(0, 5), (6, 8), (9, 12)]  (2024년, 3월, 김철수)
-    """
-    tokens = (analyse or _analyser().tokenize)(text)
-    spans = []
-    for i, tok in enumerate(tokens):
-        start, end = tok.start, tok.start + tok.len
-        if tok.tag in SALIENT_TAGS:
-            spans.append([start, end])
-        elif tok.form in NUMBER_UNITS and i > 0 and tokens[i - 1].tag == "SN" and spans and spans[-1][1] == start:
-            spans[-1][1] = end
-    merged = []
-    for start, end in spans:  # adjacent salient morphemes form one span
-        if merged and merged[-1][1] == start:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def salient_features(text: str, encode: Callable[[str], Sequence[int]], analyse=None) -> dict:
-    """{"targets": token ids, "salient_mask": 0/1 per token} for one document.
-
-    The text is cut at salient span boundaries and each piece is encoded separately, so tokens never straddle a
-    boundary (at the cost of slightly different tokenization at those boundaries).
-    """
-    pieces, last = [], 0
-    for start, end in salient_char_spans(text, analyse):
-        pieces += [(text[last:start], 0), (text[start:end], 1)]
-        last = end
-    pieces.append((text[last:], 0))
-    targets, salient = [], []
-    for piece, flag in pieces:
-        ids = list(encode(piece)) if piece else []
-        targets += ids
-        salient += [flag] * len(ids)
-    return {"targets": targets, "salient_mask": salient}
