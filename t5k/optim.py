@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules as optax transforms, configured by gin.
 
-Adafactor with the T5 settings is the default (factored second moments, decay 0.8, update clipping 1.0,
-parameter-scale updates, epsilon 1e-30) with T5's inverse-square-root schedule `1/sqrt(max(step, 10k))`.
+Adafactor with the T5 settings is the default (`t5k.adafactor`: second moments factored along dims chosen by
+logical axis names, decay 0.8, update clipping 1.0, parameter-scale updates, epsilon 1e-30) with T5's
+inverse-square-root schedule `1/sqrt(max(step, 10k))`.
 AdamW is the alternative the CT5 seed compared against.
 """
 
@@ -12,6 +13,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import optax
+
+from t5k.adafactor import scale_by_adafactor
 
 Schedule = Callable[[Any], Any]
 
@@ -48,25 +51,27 @@ def warmup_schedule(
 
 
 @gin.configurable
-def adafactor(learning_rate: Schedule = gin.REQUIRED, decay_rate: float = 0.8, clipping_threshold: float = 1.0,
-              multiply_by_parameter_scale: bool = True, epsilon: float = 1e-30, min_dim_size_to_factor: int = 128,
-              momentum: Optional[float] = None) -> optax.GradientTransformation:
-    """Adafactor as in T5 (Shazeer & Stern 2018).
+def adafactor(learning_rate: Schedule = gin.REQUIRED, param_axes: Optional[Any] = None, decay_rate: float = 0.8,
+              clipping_threshold: Optional[float] = 1.0, multiply_by_parameter_scale: bool = True,
+              epsilon1: float = 1e-30, epsilon2: float = 1e-3, min_dim_size_to_factor: int = 128,
+              momentum: Optional[float] = None, state_dtype: str = "float32") -> optax.GradientTransformation:
+    """Adafactor with T5's settings, factored by logical axis names (the rules: `t5k.adafactor`).
 
-    optax factors the two largest dims of each parameter when both are ≥ `min_dim_size_to_factor`; with scanned
-    layers a `[layers, embed, mlp]` kernel is therefore factored over (embed, mlp), never over `layers` unless
-    the model has more layers than either width (documented limitation; t5x picks the dims by logical name).
+    `param_axes` (each parameter's logical names) is passed by `make_optimizer`; `state_dtype='bfloat16'`
+    halves the optimizer state.
     """
-    return optax.adafactor(
-        learning_rate=learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
-        multiply_by_parameter_scale=multiply_by_parameter_scale, eps=epsilon,
-        min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum,
+    return scale_by_adafactor(
+        learning_rate, param_axes=param_axes, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale, epsilon1=epsilon1, epsilon2=epsilon2,
+        min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum, state_dtype=state_dtype,
     )
 
 
 @gin.configurable
-def adamw(learning_rate: Schedule = gin.REQUIRED, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.01) -> optax.GradientTransformation:
+def adamw(learning_rate: Schedule = gin.REQUIRED, param_axes: Optional[Any] = None, b1: float = 0.9,
+          b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """AdamW; its moments are elementwise, so `param_axes` is accepted for a uniform signature and unused."""
+    del param_axes
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
@@ -76,8 +81,12 @@ def make_optimizer(
     schedule: Schedule = gin.REQUIRED,
     max_grad_norm: Optional[float] = None,
     trainable: Optional[Callable[[str], bool]] = None,
+    param_axes: Optional[Any] = None,
 ) -> optax.GradientTransformation:
     """The optimizer with its schedule, optional global-norm clipping, and an optional trainable-subset mask.
+
+    `param_axes`: the logical axis names of every parameter (`trainer.param_axes(model)`), handed to the
+    optimizer as `optimizer(learning_rate=..., param_axes=...)`; Adafactor picks its factored dims from them.
 
     `trainable(path) -> bool` receives each parameter's '/'-joined path; frozen parameters get zero updates
     and no optimizer state (the hook LoRA and prompt tuning use).
@@ -85,7 +94,7 @@ def make_optimizer(
     chain = []
     if max_grad_norm:
         chain.append(optax.clip_by_global_norm(max_grad_norm))
-    chain.append(optimizer(learning_rate=schedule))
+    chain.append(optimizer(learning_rate=schedule, param_axes=param_axes))
     tx = optax.chain(*chain)
     if trainable is not None:
         def labels(params):

@@ -241,7 +241,7 @@ def plan_from_gin(devices: Optional[Sequence[Any]] = None, scan: str = "auto", b
     scan: 'yes' compiles with `scan_layers=True`, 'no' as configured, 'auto' scans models above
     `AUTO_SCAN_PARAMS` parameters (the plan says so in `scan_note`).
     """
-    from t5k import optim, partitioning
+    from t5k import optim, partitioning, trainer
     from t5k.models import build_model
     from t5k.models.params_cli import count_params, abstract_params
 
@@ -262,7 +262,7 @@ def plan_from_gin(devices: Optional[Sequence[Any]] = None, scan: str = "auto", b
     mesh = partitioning.create_mesh(devices=devices)
     rules = partitioning.logical_axis_rules()
     # The schedule does not change the step's memory or FLOPs (it is a scalar function of the step).
-    optimizer = optim.make_optimizer(schedule=optim.rsqrt_schedule())
+    optimizer = optim.make_optimizer(schedule=optim.rsqrt_schedule(), param_axes=trainer.param_axes(model))
     lengths = task_feature_lengths or _query("train.task_feature_lengths")
     size = batch_size or _query("train.batch_size")
     if lengths is None or size is None:

@@ -55,7 +55,7 @@ def train(
     rules = partitioning.logical_axis_rules()
     trainer.check_batch_divisible(batch_size, mesh, num_microbatches)
     schedule = schedule or optim.rsqrt_schedule()
-    optimizer = optim.make_optimizer(schedule=schedule)
+    optimizer = optim.make_optimizer(schedule=schedule, param_axes=trainer.param_axes(model))
     loss_config = trainer.LossConfig()
     # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
     model_type = model_type or ("encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder")

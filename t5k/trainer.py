@@ -148,6 +148,12 @@ def eval_step(params, batch: Batch, *, model, loss_config: LossConfig) -> Dict[s
 # ------------------------------------------------------------------------------------------------ state
 
 
+def param_axes(model: nn.Module):
+    """Each parameter's logical axis names (a tree of PartitionSpecs), from abstract shapes: what
+    `optim.make_optimizer(param_axes=...)` needs for Adafactor's factoring."""
+    return nn.get_partition_spec(abstract_boxed_params(model))
+
+
 def unbox_values(boxed):
     """The raw values of boxed params, without the sharding constraint `nn.unbox` applies under a mesh."""
     return jax.tree_util.tree_map(
@@ -160,7 +166,8 @@ def state_shardings(model: nn.Module, optimizer, mesh, rules):
 
     Parameters follow their logical names. Each optimizer-state copy of a parameter (Adam moments, Adafactor's
     unfactored second moment) takes that parameter's sharding, and Adafactor's factored row/column statistics
-    take it with the reduced dimension dropped; everything else (step counts) is replicated. Left to the
+    (kept at the parameter's rank, reduced dims of size 1) take it with the reduced dims replicated; everything
+    else (step counts) is replicated. Left to the
     compiler, `optimizer.init`'s zeros would come out fully replicated on every device.
     """
     boxed = abstract_boxed_params(model)
@@ -180,16 +187,15 @@ def state_shardings(model: nn.Module, optimizer, mesh, rules):
 
 
 def _derived_sharding(leaf, param, replicated):
-    """The sharding of an optimizer-state leaf that mirrors `param` (same shape, or one dimension reduced)."""
+    """The sharding of an optimizer-state leaf that mirrors `param`: same shape (moments), or same rank with
+    some dims reduced to size 1 (Adafactor's factored statistics), where the reduced dims are replicated."""
+    if len(leaf.shape) != len(param.shape):
+        return replicated
     spec = tuple(param.sharding.spec) + (None,) * (len(param.shape) - len(param.sharding.spec))
-    if tuple(leaf.shape) == tuple(param.shape):
-        return param.sharding
-    if len(leaf.shape) == len(param.shape) - 1:
-        for dim in range(len(param.shape)):
-            if tuple(param.shape[:dim] + param.shape[dim + 1:]) == tuple(leaf.shape):
-                reduced = spec[:dim] + spec[dim + 1:]
-                return jax.sharding.NamedSharding(param.sharding.mesh, jax.sharding.PartitionSpec(*reduced))
-    return replicated
+    kept = [axis if n == full else None for axis, n, full in zip(spec, leaf.shape, param.shape)]
+    if any(n not in (1, full) for n, full in zip(leaf.shape, param.shape)):
+        return replicated
+    return jax.sharding.NamedSharding(param.sharding.mesh, jax.sharding.PartitionSpec(*kept))
 
 
 def abstract_state(model, optimizer, shardings: TrainState) -> TrainState:

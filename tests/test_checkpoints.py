@@ -32,8 +32,9 @@ def _run(jitted, *args):
     return jitted.lower(*args).compile(compiler_options=FAST)(*args)
 
 
-def _optimizer():
-    return optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01))
+def _optimizer(model):
+    return optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01),
+                                param_axes=trainer.param_axes(model))
 
 
 def _mesh(data, model_axis):
@@ -60,7 +61,8 @@ def trained_on_4x2(tmp_path_factory):
     The optimizer state gets a non-trivial value too (so a mix-up of leaves would show); no train step is
     compiled, which keeps the test fast."""
     directory = str(tmp_path_factory.mktemp("ckpt_4x2"))
-    model, optimizer = EncoderDecoder(CONFIG), _optimizer()
+    model = EncoderDecoder(CONFIG)
+    optimizer = _optimizer(model)
     mesh, rules = _mesh(4, 2), partitioning.logical_axis_rules(fsdp=True)
     with partitioning.activate(mesh, rules):
         shardings = trainer.state_shardings(model, optimizer, mesh, rules)
@@ -77,7 +79,8 @@ def trained_on_4x2(tmp_path_factory):
 @pytest.mark.parametrize("data,model_axis", [(1, 1), (2, 1)])
 def test_4x2_checkpoint_restores_on_fewer_devices(trained_on_4x2, data, model_axis):
     directory, saved, saved_loss = trained_on_4x2
-    model, optimizer = EncoderDecoder(CONFIG), _optimizer()
+    model = EncoderDecoder(CONFIG)
+    optimizer = _optimizer(model)
     mesh, rules = _mesh(data, model_axis), partitioning.logical_axis_rules(fsdp=True)
     with partitioning.activate(mesh, rules):
         target = trainer.abstract_state(model, optimizer, trainer.state_shardings(model, optimizer, mesh, rules))

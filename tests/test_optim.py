@@ -1,16 +1,22 @@
-"""Adafactor against a hand-written reference of the paper's update (T5 settings), and the schedules."""
+"""Adafactor against a hand-written reference of the paper's update (T5 settings), its factoring by logical axis
+names (scanned == unrolled), bf16 state, and the schedules."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from t5k import optim
+from t5k import optim, trainer
+from t5k.adafactor import choose_factoring
+from t5k.models import EncoderDecoder, TransformerConfig
 
 
-def reference_adafactor(param, grads, lr, factored, decay=0.8, clip=1.0, eps1=1e-30, eps2=1e-3):
-    """Shazeer & Stern (2018), Algorithms 4/5 with T5's settings, written from the paper in numpy (float64)."""
+def reference_adafactor(param, grads, lr, factored, decay=0.8, clip=1.0, eps1=1e-30, eps2=1e-3, momentum=None):
+    """Shazeer & Stern (2018), Algorithms 4/5 with T5's settings, written from the paper in numpy (float64),
+    for a matrix `[rows, columns]`; `momentum` adds the paper's first moment of the clipped update."""
     w = np.asarray(param, np.float64)
-    row = col = v = None
+    row = col = v = m = None
     for t, g in enumerate(grads, start=1):
         g = np.asarray(g, np.float64)
         beta = 1.0 - t ** -decay  # 0 at t=1: the first second-moment estimate is the gradient's own
@@ -24,13 +30,18 @@ def reference_adafactor(param, grads, lr, factored, decay=0.8, clip=1.0, eps1=1e
             v_hat = v
         u = g / np.sqrt(v_hat)
         u = u / max(1.0, np.sqrt(np.mean(u * u)) / clip)  # update clipping
+        if momentum is not None:
+            m = (1 - momentum) * u if m is None else momentum * m + (1 - momentum) * u
+            u = m
         scale = max(np.sqrt(np.mean(w * w)), eps2)  # relative step size: multiply by the parameter scale
         w = w - lr * scale * u
     return w
 
 
-def _run_optax(param, grads, lr):
-    tx = optim.adafactor(learning_rate=optim.constant_schedule(lr))
+def _run(param, grads, lr, names=None, **kwargs):
+    """Our Adafactor on one parameter `w` (logical axis `names`, or unnamed) over the gradient sequence."""
+    axes = None if names is None else {"w": names}
+    tx = optim.adafactor(learning_rate=optim.constant_schedule(lr), param_axes=axes, **kwargs)
     p = {"w": jnp.asarray(param, jnp.float32)}
     state = tx.init(p)
     for g in grads:
@@ -43,8 +54,8 @@ def test_factored_update_matches_reference():
     rng = np.random.default_rng(0)
     param = rng.normal(size=(256, 160))
     grads = [rng.normal(size=param.shape) * s for s in (1.0, 0.1, 3.0)]
-    ours, state = _run_optax(param, grads, lr=0.01)
-    assert state[0].v_row["w"].shape == (256,) or state[0].v_col["w"].shape == (256,)  # really factored
+    ours, state = _run(param, grads, lr=0.01, names=("embed", "mlp"))
+    assert state.v_row["w"].shape == (256, 1) and state.v_col["w"].shape == (1, 160)  # really factored
     np.testing.assert_allclose(ours, reference_adafactor(param, grads, 0.01, factored=True), rtol=2e-5, atol=1e-6)
 
 
@@ -52,15 +63,130 @@ def test_unfactored_update_matches_reference():
     rng = np.random.default_rng(1)
     param = rng.normal(size=(4, 100))  # 4 < min_dim_size_to_factor=128: full second moments
     grads = [rng.normal(size=param.shape) for _ in range(3)]
-    ours, _ = _run_optax(param, grads, lr=0.05)
+    ours, state = _run(param, grads, lr=0.05)
+    assert state.v["w"].shape == (4, 100)
     np.testing.assert_allclose(ours, reference_adafactor(param, grads, 0.05, factored=False), rtol=2e-5, atol=1e-6)
+
+
+def test_attention_kernel_is_factored_as_embed_by_heads_times_kv():
+    """`[embed, heads, kv]` is the matrix `embed × (heads·kv)`: the same update as the reference on the reshape."""
+    rng = np.random.default_rng(2)
+    param = rng.normal(size=(130, 4, 40))
+    grads = [rng.normal(size=param.shape) * s for s in (1.0, 2.0, 0.5)]
+    ours, state = _run(param, grads, lr=0.01, names=("embed", "heads", "kv"))
+    assert state.v_row["w"].shape == (130, 1, 1) and state.v_col["w"].shape == (1, 4, 40)
+    expected = reference_adafactor(param.reshape(130, 160), [g.reshape(130, 160) for g in grads], 0.01,
+                                   factored=True)
+    np.testing.assert_allclose(ours.reshape(130, 160), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_momentum_matches_reference():
+    rng = np.random.default_rng(3)
+    param = rng.normal(size=(128, 136))
+    grads = [rng.normal(size=param.shape) for _ in range(3)]
+    ours, _ = _run(param, grads, lr=0.01, names=("mlp", "embed"), momentum=0.9)
+    expected = reference_adafactor(param.T, [g.T for g in grads], 0.01, factored=True, momentum=0.9).T
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,names,batch,rows,columns,factored", [
+    ((4, 128, 512), ("layers", "embed", "mlp"), (0,), (1,), (2,), True),
+    ((4, 4, 32, 128), ("layers", "heads", "kv", "embed"), (0,), (3,), (1, 2), True),
+    ((51200, 128), ("vocab", "embed"), (), (1,), (0,), True),
+    ((4, 128), ("layers", "embed"), (0,), (1,), (), False),  # a scanned norm scale: per-layer full moments
+    ((4, 32), ("heads", "relpos_buckets"), (), (0, 1), (), False),
+    ((128, 64), ("embed", "mlp"), (), (0, 1), (), False),  # 64 < min_dim_size_to_factor
+    ((256, 4, 16), None, (), (0, 1, 2), (), False),  # unnamed and not 2-D: never guessed
+])
+def test_factoring_follows_logical_names(shape, names, batch, rows, columns, factored):
+    plan = choose_factoring(shape, names, min_dim_size_to_factor=128)
+    assert (plan.batch, plan.rows, plan.columns, plan.factored) == (batch, rows, columns, factored)
+
+
+def test_names_that_do_not_fit_the_shape_are_a_clear_error():
+    tx = optim.adafactor(learning_rate=0.1, param_axes={"w": ("embed",)})
+    with pytest.raises(ValueError, match=r"\['w'\] has shape \(3, 4\) but 1 logical axis names"):
+        tx.init({"w": jnp.zeros((3, 4))})
+    tx = optim.adafactor(learning_rate=0.1, param_axes={"v": ("embed",)})
+    with pytest.raises(ValueError, match=r"parameter \['w'\] has no entry in param_axes"):
+        tx.init({"w": jnp.zeros((3,))})
+
+
+def test_scanned_adafactor_equals_unrolled():
+    """A `[layers, ...]` stack gets exactly the per-layer updates: statistics, update clipping and the parameter
+    scale are per layer (layers get very different scales here, so any mixing across layers would show)."""
+    rng = np.random.default_rng(4)
+    layers = 3
+    scales = np.asarray([0.01, 1.0, 100.0])
+    kernel = rng.normal(size=(layers, 130, 140)) * scales[:, None, None]
+    norm = rng.normal(size=(layers, 16)) * scales[:, None]
+    grad_steps = [(rng.normal(size=kernel.shape) * scales[::-1, None, None], rng.normal(size=norm.shape))
+                  for _ in range(3)]
+
+    def run(params, axes, grads_of):
+        tx = optim.make_optimizer(schedule=optim.constant_schedule(0.01), param_axes=axes)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        state = tx.init(params)
+        for step in grad_steps:
+            grads = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), grads_of(step))
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return jax.device_get(params)
+
+    scanned = run({"kernel": kernel, "scale": norm},
+                  {"kernel": ("layers", "embed", "mlp"), "scale": ("layers", "embed")},
+                  lambda step: {"kernel": step[0], "scale": step[1]})
+    unrolled = run({f"layers_{i}": {"kernel": kernel[i], "scale": norm[i]} for i in range(layers)},
+                   {f"layers_{i}": {"kernel": ("embed", "mlp"), "scale": ("embed",)} for i in range(layers)},
+                   lambda step: {f"layers_{i}": {"kernel": step[0][i], "scale": step[1][i]} for i in range(layers)})
+    for i in range(layers):
+        np.testing.assert_allclose(scanned["kernel"][i], unrolled[f"layers_{i}"]["kernel"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(scanned["scale"][i], unrolled[f"layers_{i}"]["scale"], rtol=1e-6, atol=1e-9)
+
+
+def test_bfloat16_state_halves_memory_and_stays_close_to_float32():
+    rng = np.random.default_rng(5)
+    param = rng.normal(size=(256, 160))
+    grads = [rng.normal(size=param.shape) * s for s in (1.0, 0.3, 2.0, 1.0)]
+    for names, stats in ((("embed", "mlp"), ("v_row", "v_col")), (("kv", "heads"), ("v",))):
+        full, full_state = _run(param, grads, lr=0.01, names=names)
+        half, half_state = _run(param, grads, lr=0.01, names=names, state_dtype="bfloat16", momentum=0.5)
+        full_m, _ = _run(param, grads, lr=0.01, names=names, momentum=0.5)
+        for leaf in jax.tree_util.tree_leaves((half_state.v_row, half_state.v_col, half_state.v, half_state.m)):
+            assert leaf.dtype == jnp.bfloat16
+        assert all(getattr(full_state, k)["w"].dtype == jnp.float32 for k in stats)
+        # bf16 keeps 8 significant bits: each stored value is within 2^-9 relative, so the total update stays
+        # within ~1% of float32's (measured as a norm: momentum may cancel single elements to near zero).
+        step_half, step_full = half - param, full_m - param
+        assert np.linalg.norm(step_half - step_full) < 1e-2 * np.linalg.norm(step_full)
+        assert np.linalg.norm((full - param) - step_full) > 0.1 * np.linalg.norm(step_full)  # momentum is on
+
+
+def test_factored_state_of_a_scanned_model_follows_its_names():
+    config = TransformerConfig(vocab_size=256, d_model=128, num_heads=2, head_dim=64, d_ff=256, num_encoder_layers=2,
+                               num_decoder_layers=2, scan_layers=True, dtype="float32")
+    model = EncoderDecoder(config)
+    tx = optim.make_optimizer(schedule=optim.constant_schedule(0.01), param_axes=trainer.param_axes(model))
+    params = trainer.unbox_values(trainer.abstract_boxed_params(model))
+    state = jax.eval_shape(tx.init, params)[0]
+    mlp = ("encoder", "layers", "mlp", "wi_0", "kernel")  # [layers, embed, mlp]
+    query = ("decoder", "layers", "self_attention", "query", "kernel")  # [layers, embed, heads, kv]
+
+    def at(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree.shape
+
+    assert (at(state.v_row, mlp), at(state.v_col, mlp)) == ((2, 128, 1), (2, 1, 256))
+    assert (at(state.v_row, query), at(state.v_col, query)) == ((2, 128, 1, 1), (2, 1, 2, 64))
+    assert at(state.v, ("encoder", "layers", "pre_mlp_norm", "scale")) == (2, 128)
 
 
 def test_update_clipping_bounds_the_update_rms():
     param = np.ones((8, 8))
     grads = [np.zeros((8, 8)), np.zeros((8, 8))]
     grads[1][0, 0] = 1e3  # after a zero gradient, a spike: u would be huge without clipping
-    ours, _ = _run_optax(param, grads, lr=1.0)
+    ours, _ = _run(param, grads, lr=1.0)
     step = param - ours
     assert np.sqrt(np.mean(step * step)) <= 1.0 + 1e-5  # lr * scale(=1) * rms(u) with rms(u) clipped to 1
 

@@ -32,7 +32,8 @@ def _batch(seed=0, batch=8, enc_len=12, dec_len=6):
 
 def _one_step(data, model_axis, fsdp, num_microbatches=1, batch=None):
     model = EncoderDecoder(CONFIG)
-    optimizer = optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01))
+    optimizer = optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01),
+                                     param_axes=trainer.param_axes(model))
     mesh = partitioning.create_mesh(data=data, model=model_axis, devices=jax.devices()[: data * model_axis])
     rules = partitioning.logical_axis_rules(fsdp=fsdp)
     batch = _batch() if batch is None else batch
@@ -138,3 +139,27 @@ def test_batch_not_divisible_by_data_axis_is_a_clear_error():
     mesh = partitioning.create_mesh(data=8, model=1)
     with pytest.raises(ValueError, match="not divisible by the data axis"):
         trainer.check_batch_divisible(12, mesh)
+
+
+def test_factored_optimizer_state_follows_parameter_shardings():
+    """Adafactor's row/column statistics of a scanned `[layers, embed, mlp]` kernel keep the kernel's sharding on
+    their kept dims (FSDP `embed`→data, `mlp`→model) and replicate the reduced ones; full moments copy it."""
+    config = CONFIG.replace(d_model=128, d_ff=256, head_dim=32, scan_layers=True)
+    model = EncoderDecoder(config)
+    optimizer = optim.make_optimizer(schedule=optim.constant_schedule(0.01), param_axes=trainer.param_axes(model))
+    mesh = partitioning.create_mesh(data=2, model=4)
+    rules = partitioning.logical_axis_rules(fsdp=True)
+    shardings = trainer.state_shardings(model, optimizer, mesh, rules)
+    adafactor_state = shardings.opt_state[0]
+    kernel = ("encoder", "layers", "mlp", "wi_0", "kernel")
+    norm = ("encoder", "layers", "pre_mlp_norm", "scale")
+
+    def spec(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tuple(tree.spec) + (None,) * (3 - len(tree.spec))
+
+    assert spec(shardings.params, kernel) == (None, "data", "model")
+    assert spec(adafactor_state.v_row, kernel) == (None, "data", None)
+    assert spec(adafactor_state.v_col, kernel) == (None, None, "model")
+    assert spec(adafactor_state.v, norm) == spec(shardings.params, norm) == (None, "data", None)
