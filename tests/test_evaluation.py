@@ -73,7 +73,7 @@ def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup)
     gin.clear_config()
     out = root / "out"
     code = cli.main(["eval", f"--gin_file={root / 'tiny.gin'}", f"--checkpoint={root / 'ckpt'}",
-                     "--tasks=t5k_test_reviews,t5k_test_answers", f"--output_dir={out}",
+                     "--tasks=t5k_test_reviews,t5k_test_answers", f"--output_dir={out}", "--num_devices=2",
                      "--gin.evaluate.choices={'t5k_test_reviews': ('부정', '긍정')}", "--gin.evaluate.batch_size=8",
                      "--gin.DecodeConfig.max_new_tokens=3", "--gin.evaluate.task_feature_lengths="
                      "{'inputs': 16, 'targets': 8}"])
