@@ -11,6 +11,7 @@ morph_bbpe vocabulary with any others given (train them on the same train.txt: `
 import argparse
 import csv
 import gzip
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -94,8 +95,8 @@ def _unk_bytes(v, line, ids):
         return 0
     if hasattr(v, "id_bytes"):
         return len(line.encode()) - sum(len(v.id_bytes[i]) for i in ids if i != 2)
-    proto = v.tokenizer.encode(line, out_type="immutable_proto")
-    return sum(len(line[p.begin:p.end].encode()) for p in proto.pieces if p.id == 2) if proto.pieces else 0
+    proto = v.tokenizer.encode(line, return_type="proto")  # begin/end: byte offsets into the UTF-8 input
+    return sum(p.end - p.begin for p in proto.pieces if p.id == 2)
 
 
 def ablation(v, lines, morphemes):
@@ -115,25 +116,53 @@ def _time_encode(v, lines):
 
 
 def _worker(args):
-    path, lines = args
+    """Fresh process: `prime` (other text, untimed) fills the caches, then two timed passes over `lines`."""
+    path, prime, lines = args
     v = _load(path)
-    v.encode("가")  # load the analyser and the tokenizer outside the timing; the eojeol cache stays cold
-    cold = _time_encode(v, lines)
-    return cold, _time_encode(v, lines)
+    v.encode("가")  # load the analyser and the tokenizer outside the timing; the caches stay cold
+    for i in range(0, len(prime), 256):
+        _encode_all(v, prime[i : i + 256])
+    return _time_encode(v, lines), _time_encode(v, lines)
 
 
-def throughput(path, lines, procs):
-    """Fresh process per measurement (cold analyser cache), then a second pass over the same text (warm)."""
+def throughput(path, lines, prime, procs):
+    """MB/s and tokens/s over `lines` (split across n processes, one per core), three cache states.
+
+    cold: fresh processes, empty caches (every eojeol new to the analyser); primed: fresh processes that first
+    encoded `prime` (other text, as a training stream would have); warm: a second pass over the same text.
+    """
     n_bytes = sum(len(l.encode()) + 1 for l in lines)
     out = {}
     for n in (1, procs):
         chunks = [lines[i::n] for i in range(n)]
         with mp.get_context("spawn").Pool(n) as pool:
-            res = pool.map(_worker, [(path, c) for c in chunks])
-        for k, phase in enumerate(("cold", "warm")):
-            wall = max(r[k][0] for r in res)
-            tokens = sum(r[k][1] for r in res)
+            cold = pool.map(_worker, [(path, [], c) for c in chunks])
+        with mp.get_context("spawn").Pool(n) as pool:
+            primed = pool.map(_worker, [(path, prime, c) for c in chunks])
+        for phase, res in (("cold", [r[0] for r in cold]), ("primed", [r[0] for r in primed]),
+                           ("warm", [r[1] for r in primed])):
+            wall = max(r[0] for r in res)
+            tokens = sum(r[1] for r in res)
             out[f"{phase}_{n}proc"] = {"MB_per_s": round(n_bytes / wall / 1e6, 3), "tokens_per_s": round(tokens / wall)}
+    return out
+
+
+def priming_text(corpus, megabytes):
+    """An even sample of train.txt (every k-th line) of about `megabytes` MB: every source, none held out."""
+    lines = (corpus / "train.txt").read_text(encoding="utf-8").splitlines()
+    step = max(1, round(sum(len(l.encode()) + 1 for l in lines) / (megabytes * 1e6)))
+    return lines[::step], lines
+
+
+def piece_hit_rates(held_lines, samples):
+    """Share of held-out stage-1 pieces (the id cache's keys) that already occur in each sample of training text."""
+    from t5k import morph
+
+    pieces = [p for l in held_lines for p in morph.pieces_by_pattern(l)]
+    out = {}
+    for name, lines in samples.items():
+        seen = {p for l in lines for p in morph.pieces_by_pattern(l)}
+        out[name] = round(sum(p in seen for p in pieces) / len(pieces), 4)
     return out
 
 
@@ -222,7 +251,8 @@ def main(argv=None):
     parser.add_argument("--out", default="/tmp/t5k_vocab_corpus", help="export directory / held-out text location")
     parser.add_argument("--vocabs", nargs="*", default=[], help="more vocabulary dirs to compare (same train.txt)")
     parser.add_argument("--procs", type=int, default=os.cpu_count())
-    parser.add_argument("--throughput_lines", type=int, default=4000)
+    parser.add_argument("--throughput_lines", type=int, default=4000, help="distinct held-out lines timed")
+    parser.add_argument("--prime_mb", type=float, default=2.0, help="training text encoded before 'primed' timing")
     args = parser.parse_args(argv)
     corpus = Path(args.out)
     if args.action == "export" or not (corpus / "heldout_news.txt").exists():
@@ -234,15 +264,23 @@ def main(argv=None):
     held = {c: (corpus / f"heldout_{c}.txt").read_text(encoding="utf-8").splitlines()[:1500]
             for c in ("news", "reviews", "dialogue")}
     morphemes = {c: sum(len(morph._kiwi().tokenize(l)) for l in ls) for c, ls in held.items()}
-    mixed = [l for ls in zip(*held.values()) for l in ls]
-    mixed = (mixed * (1 + args.throughput_lines // max(1, len(mixed))))[: args.throughput_lines]
+    # Throughput text: distinct held-out lines, the three sources interleaved (no line repeats, so cold is cold).
+    everything = {c: (corpus / f"heldout_{c}.txt").read_text(encoding="utf-8").splitlines() for c in held}
+    mixed = [l for ls in itertools.zip_longest(*everything.values()) for l in ls if l is not None]
+    mixed = mixed[: args.throughput_lines]
+    prime, train_lines = priming_text(corpus, args.prime_mb)
     result = {"analysers": analysers(), "cache_context_agreement": cache_agreement(held["news"][:150]),
-              "heldout_lines": {c: len(ls) for c, ls in held.items()}, "variants": {}}
+              "heldout_lines": {c: len(ls) for c, ls in held.items()},
+              "throughput_text": {"lines": len(mixed), "MB": round(sum(len(l.encode()) + 1 for l in mixed) / 1e6, 3),
+                                  "prime_MB": round(sum(len(l.encode()) + 1 for l in prime) / 1e6, 3)},
+              "piece_hit_rate": piece_hit_rates(mixed, {f"prime_{args.prime_mb}MB": prime, "train_all": train_lines}),
+              "variants": {}}
+    del train_lines
     for path in ["shipped", *args.vocabs]:
         v = _load(path)
         name = _name(v) + ("_shipped" if path == "shipped" else "")
         row = {"vocab_size": v.vocab_size, "ablation": {c: ablation(v, ls, morphemes[c]) for c, ls in held.items()},
-               "throughput": throughput(path, mixed, args.procs), "tf_data_tokens_per_s": tf_pipeline(v, mixed)}
+               "throughput": throughput(path, mixed, prime, args.procs), "tf_data_tokens_per_s": tf_pipeline(v, mixed)}
         result["variants"][name] = row
         print(name, json.dumps(row, ensure_ascii=False), file=sys.stderr)
     print(json.dumps(result, ensure_ascii=False))

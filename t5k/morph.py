@@ -92,29 +92,35 @@ class MorphSplitter:
         if len(cache) > _CACHE_LIMIT:
             self._cache = {}
 
-    def split_batch(self, texts: Iterable[str]) -> List[List[str]]:
-        stage1 = [_PIECE_RE.findall(t) for t in texts]
+    def split_runs(self, runs: Sequence[str]) -> List[List[str]]:
+        """Stage 2 only: each stage-1 piece (a `pieces_by_pattern` match) cut at its morpheme starts.
+
+        A piece's cuts depend on the piece alone, so callers may cache per piece (BPEVocabulary caches ids).
+        """
         cache = self._cache
-        missing = {p.lstrip(" ") for ps in stage1 for p in ps if p.lstrip(" ") not in cache}
+        missing = {p.lstrip(" ") for p in runs if p.lstrip(" ") not in cache}
         missing = [r for r in missing if r[:1].isalpha()]
         if missing:
             self._analyse(cache, missing)
         out = []
-        for ps in stage1:
-            pieces = []
-            for p in ps:
-                cuts = cache.get(p[1:] if p[:1] == " " else p, ())
-                if not cuts:
-                    pieces.append(p)
-                    continue
-                shift = 1 if p[:1] == " " else 0
-                prev = 0
-                for c in cuts:
-                    pieces.append(p[prev : c + shift])
-                    prev = c + shift
-                pieces.append(p[prev:])
+        for p in runs:
+            cuts = cache.get(p[1:] if p[:1] == " " else p, ())
+            if not cuts:
+                out.append([p])
+                continue
+            shift = 1 if p[:1] == " " else 0
+            pieces, prev = [], 0
+            for c in cuts:
+                pieces.append(p[prev : c + shift])
+                prev = c + shift
+            pieces.append(p[prev:])
             out.append(pieces)
         return out
+
+    def split_batch(self, texts: Iterable[str]) -> List[List[str]]:
+        stage1 = [_PIECE_RE.findall(t) for t in texts]
+        cut = iter(self.split_runs([p for ps in stage1 for p in ps]))
+        return [[q for _ in ps for q in next(cut)] for ps in stage1]
 
     def split(self, text: str) -> List[str]:
         return self.split_batch([text])[0]

@@ -104,6 +104,29 @@ def test_real_sentences_round_trip_and_batch_equals_single(shipped, lines):
     assert [shipped.decode(x) for x in batch] == lines
 
 
+def test_piece_id_cache_equals_uncached_tokenizer(shipped, trained, lines, monkeypatch):
+    """encode_batch caches ids per stage-1 piece; HF tokenizers on each whole text's pieces is the reference.
+
+    Checked cold (empty caches), warm (every piece cached), one text at a time, with runs too long to cache, and
+    with a cache so small that it is swapped out mid-stream.
+    """
+    texts = lines + [e for e in EXAMPLES if e and "<extra_id_" not in e] + ["가나다라" * 40, "x" * 300 + " 마감이"]
+    references = {}
+    for v in (shipped, trained["bbpe"], trained["char_bpe"]):
+        fresh = vocab.BPEVocabulary(v.path)
+        reference = references[v.path] = [
+            fresh.tokenizer.encode(p, is_pretokenized=True, add_special_tokens=False).ids for p in fresh.pieces(texts)]
+        assert fresh.encode_batch(texts) == reference
+        assert fresh.encode_batch(texts) == reference
+        assert [fresh.encode(t) for t in texts[-30:]] == reference[-30:]
+        assert "가나다라" * 40 not in fresh._ids_cache
+    monkeypatch.setattr(vocab, "_ID_CACHE_LIMIT", 50)
+    small = vocab.BPEVocabulary(shipped.path)
+    got = [ids for i in range(0, len(texts), 16) for ids in small.encode_batch(texts[i : i + 16])]
+    assert got == references[shipped.path]
+    assert len(small._ids_cache) <= 50 + 16 * max(len(morph.pieces_by_pattern(t)) for t in texts)
+
+
 # ---- id layout ----------------------------------------------------------------------------------------------------
 def test_special_and_sentinel_ids(shipped):
     assert (shipped.pad_id, shipped.eos_id, shipped.unk_id) == (0, 1, 2)
@@ -204,6 +227,20 @@ def test_training_refuses_too_small_corpus_and_foreign_dirs(tmp_path):
     with pytest.raises(vocab.VocabularyError, match="refusing to overwrite"):
         vocab.train([small], 400, "bbpe", tmp_path / "foreign", min_frequency=1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_sentencepiece_sampling_options(tmp_path, lines, capsys):
+    """--spm_sentences really bounds what sentencepiece sees: too small a sample cannot fill the vocabulary."""
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
+    with pytest.raises(vocab.VocabularyError, match="spm_sentences must be 0 .* or more than 100, got 20"):
+        vocab.train([text], 1300, "sentencepiece", tmp_path / "sp", spm_sentences=20)
+    with pytest.raises(vocab.VocabularyError, match="1200 base pieces .* at most 101 sampled lines: .*Vocabulary size"):
+        vocab.train([text], 1300, "sentencepiece", tmp_path / "sp", spm_sentences=101)
+    status = cli.main(["vocab", "train", "--input", str(text), "--vocab_size", "1300", "--variant", "sentencepiece",
+                       "--spm_sentences", "1000", "--threads", "1", "--out", str(tmp_path / "sp")])
+    training = vocab.read_meta(tmp_path / "sp")["training"]
+    assert status == 0 and (training["spm_sentences"], training["threads"]) == (1000, 1), capsys.readouterr()
 
 
 # ---- artifacts, gin, CLI, pickling ------------------------------------------------------------------------------
