@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from t5k.models import layers
 from t5k.models.config import TransformerConfig
 from t5k.models.layers import Array, constrain
-from t5k.models.stack import DecoderLayer, apply_layer_stack
+from t5k.models.stack import DecoderLayer, apply_layer_stack, cached_self_attention_bias
 
 
 class DecoderOnly(nn.Module):
@@ -31,10 +31,23 @@ class DecoderOnly(nn.Module):
         decoder_positions=None,
         decoder_causal_attention=None,
         deterministic: bool = True,
+        decode: bool = False,
+        decode_length=None,
     ) -> Array:
+        """Logits `[batch, length, vocab]`.
+
+        `decode=True` is cached incremental decoding: the tokens `[batch, q_len]` are those at
+        `decoder_positions` `[batch, q_len]`, written into a "cache" collection of `decode_length` slots
+        (apply with `mutable=["cache"]`; the first call creates the cache, later calls pass it back in).
+        """
         cfg = self.config
         tokens = decoder_input_tokens
         length = tokens.shape[1]
+        if decode:  # validates the decoding inputs before anything reads them
+            bias = cached_self_attention_bias(
+                cfg, decoder_positions, decode_length,
+                decoder_segment_ids=decoder_segment_ids, decoder_causal_attention=decoder_causal_attention,
+            )
         init = nn.initializers.normal(stddev=cfg.embedding_stddev)
         embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, embedding_init=init, name="token_embedder")
         positions = decoder_positions
@@ -42,8 +55,9 @@ class DecoderOnly(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
         x = embedder(tokens)  # [batch, length, embed]
         if cfg.position_embedding == "absolute":
-            if length > cfg.max_length:
-                raise ValueError(f"sequence length {length} exceeds the position table (max_length={cfg.max_length})")
+            longest = decode_length if decode else length
+            if longest > cfg.max_length:
+                raise ValueError(f"sequence length {longest} exceeds the position table (max_length={cfg.max_length})")
             x = x + layers.Embed(
                 cfg.max_length, cfg.d_model, table_axes=("abspos_buckets", "embed"), dtype=cfg.compute_dtype,
                 embedding_init=init, name="position_embedder",
@@ -51,14 +65,15 @@ class DecoderOnly(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = constrain(x, "batch", "length", "embed")
 
-        if decoder_causal_attention is None:
-            mask = layers.causal_mask(length)
-        else:
-            mask = layers.prefix_lm_mask(decoder_causal_attention)
-        if decoder_segment_ids is not None:
-            mask = mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
-        bias = layers.mask_to_bias(mask)
-        if cfg.position_embedding == "relative":
+        if not decode:
+            if decoder_causal_attention is None:
+                mask = layers.causal_mask(length)
+            else:
+                mask = layers.prefix_lm_mask(decoder_causal_attention)
+            if decoder_segment_ids is not None:
+                mask = mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+            bias = layers.mask_to_bias(mask)
+        if cfg.position_embedding == "relative" and not decode:
             # Causal buckets as in t5x, for the prefix LM too (its later-prefix offsets share bucket 0), so one
             # checkpoint serves both masks.
             arange = jnp.arange(length)
@@ -68,7 +83,7 @@ class DecoderOnly(nn.Module):
             )(arange, arange)
         x = apply_layer_stack(
             cfg, DecoderLayer, cfg.num_decoder_layers, x, bias, positions, None, None,
-            deterministic=deterministic, cross_attention=False,
+            deterministic=deterministic, cross_attention=False, decode=decode, decode_length=decode_length,
         )
         x = layers.make_norm(cfg, "final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

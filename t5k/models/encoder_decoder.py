@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from t5k.models import layers
 from t5k.models.config import TransformerConfig
 from t5k.models.layers import Array, constrain
-from t5k.models.stack import DecoderLayer, EncoderLayer, apply_layer_stack
+from t5k.models.stack import DecoderLayer, EncoderLayer, apply_layer_stack, cached_self_attention_bias
 
 
 def _default_positions(tokens: Array) -> Array:
@@ -95,24 +95,32 @@ class Decoder(nn.Module):
         segment_ids=None,
         positions=None,
         deterministic=True,
+        decode=False,
+        decode_length=None,
     ) -> Array:
         cfg = self.config
         x = _embed(cfg, self.token_embedder, tokens, deterministic)
-        positions = _default_positions(tokens) if positions is None else positions
-        self_mask = layers.causal_mask(tokens.shape[1])
         cross_mask = layers.key_padding_mask(encoder_tokens)
-        if segment_ids is not None:
-            self_mask = self_mask & layers.segment_mask(segment_ids, segment_ids)
-            cross_mask = cross_mask & layers.segment_mask(segment_ids, encoder_segment_ids)
-        self_bias = layers.mask_to_bias(self_mask)
-        if cfg.position_embedding == "relative":
-            self_bias = self_bias + _relative_bias(cfg, tokens.shape[1], bidirectional=False)
+        if decode:
+            if self.shared_layers is not None:
+                raise ValueError("cached decoding is not implemented for shared_encoder_decoder")
+            self_bias = cached_self_attention_bias(cfg, positions, decode_length, decoder_segment_ids=segment_ids)
+        else:
+            positions = _default_positions(tokens) if positions is None else positions
+            self_mask = layers.causal_mask(tokens.shape[1])
+            if segment_ids is not None:
+                self_mask = self_mask & layers.segment_mask(segment_ids, segment_ids)
+                cross_mask = cross_mask & layers.segment_mask(segment_ids, encoder_segment_ids)
+            self_bias = layers.mask_to_bias(self_mask)
+            if cfg.position_embedding == "relative":
+                self_bias = self_bias + _relative_bias(cfg, tokens.shape[1], bidirectional=False)
         cross_bias = layers.mask_to_bias(cross_mask)
         args = (self_bias, positions, encoded, cross_bias)
         if self.shared_layers is not None:
             x = _run_shared_layers(self.shared_layers, x, *args, deterministic=deterministic)
         else:
-            x = apply_layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, x, *args, deterministic=deterministic)
+            x = apply_layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, x, *args, deterministic=deterministic,
+                                  decode=decode, decode_length=decode_length)
         x = layers.make_norm(cfg, "final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if cfg.tie_embeddings:
@@ -152,10 +160,18 @@ class EncoderDecoder(nn.Module):
         decoder_segment_ids=None,
         decoder_positions=None,
         deterministic=True,
+        decode=False,
+        decode_length=None,
     ):
+        """Decoder logits `[batch, dec_len, vocab]`.
+
+        `decode=True` is cached incremental decoding: `decoder_input_tokens` `[batch, q_len]` are the tokens at
+        `decoder_positions` `[batch, q_len]`, written into a "cache" collection of `decode_length` slots
+        (apply with `mutable=["cache"]`; the first call creates the cache, later calls pass it back in).
+        """
         return self.decoder(
             encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
-            decoder_positions, deterministic,
+            decoder_positions, deterministic, decode, decode_length,
         )
 
     def __call__(

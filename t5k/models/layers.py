@@ -29,6 +29,9 @@ Array = jax.Array
 # -inf produces on fully masked rows (padding queries).
 MASK_BIAS = -1e10
 
+# Logical axes of the cached keys and values of attention layers (`[batch, length, heads, kv]`).
+CACHE_AXES = ("batch", "length", "heads", "kv")
+
 
 def constrain(x: Array, *logical_axes: Optional[str]) -> Array:
     """Sharding constraint by logical names; a no-op outside a mesh / axis-rules context."""
@@ -213,16 +216,20 @@ class RelativePositionBiases(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: Array, key_positions: Array) -> Array:
-        """`[q_len]`, `[k_len]` int positions -> float32 bias `[1, heads, q_len, k_len]`."""
+        """`[q_len]`, `[k_len]` int positions -> float32 bias `[1, heads, q_len, k_len]`.
+
+        Cached decoding passes per-row query positions `[batch, q_len]` and gets `[batch, heads, q_len, k_len]`.
+        """
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets),
             jnp.float32,
         )
-        relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
+        relative = key_positions[None, :] - query_positions[..., :, None]  # [(batch,) q, k]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return jnp.take(table, buckets, axis=1)[None]  # [1, heads, q, k]
+        bias = jnp.take(table, buckets, axis=1)  # [heads, (batch,) q, k]
+        return bias[None] if query_positions.ndim == 1 else jnp.moveaxis(bias, 0, 1)
 
 
 def rotary_embedding(x: Array, positions: Array, base: float) -> Array:
@@ -242,15 +249,58 @@ def rotary_embedding(x: Array, positions: Array, base: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+class KeyValueCache(nn.Module):
+    """One attention layer's keys and values in the "cache" collection, `[batch, slots, heads, kv]` (CACHE_AXES).
+
+    `length=None` (cross-attention): `project()` runs only on the call that creates the cache; its keys and
+    values are stored and returned unchanged by every later call. `length=L` (self-attention): every call
+    writes `project()`'s `[batch, q_len, heads, kv]` keys and values at `positions` `[batch, q_len]` (slot p
+    holds position p) and returns all L slots.
+    """
+
+    length: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, project: Callable[[], Tuple[Array, Array]], positions: Optional[Array] = None):
+        init = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
+        if self.length is None:
+            if self.has_variable("cache", "cached_key"):
+                return self.variable("cache", "cached_key").value, self.variable("cache", "cached_value").value
+            key, value = project()
+            self.variable("cache", "cached_key", init, key.shape, key.dtype).value = key
+            self.variable("cache", "cached_value", init, value.shape, value.dtype).value = value
+            return key, value
+        key, value = project()
+        batch, _, heads, head_dim = key.shape
+        shape = (batch, self.length, heads, head_dim)
+        cached_key = self.variable("cache", "cached_key", init, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", init, shape, value.dtype)
+        if cached_key.value.shape != shape:
+            raise ValueError(f"{self.name}: the cache holds {cached_key.value.shape}, this call needs {shape} "
+                             "(a cache made for another batch size or decode_length)")
+        rows = jnp.arange(batch)[:, None]  # [batch, 1]; positions past the last slot are dropped by the scatter
+        cached_key.value = constrain(cached_key.value.at[rows, positions].set(key), *CACHE_AXES)
+        cached_value.value = constrain(cached_value.value.at[rows, positions].set(value), *CACHE_AXES)
+        return cached_key.value, cached_value.value  # [batch, length, heads, kv]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with an additive float32 bias (masks and position biases).
 
     T5 folds the 1/sqrt(head_dim) logit scaling into the query initializer (`scale_attention_logits=False`);
     GPT scales at run time.
+
+    With `decode=True` (cached decoding) keys and values live in the "cache" collection. Self-attention
+    writes this call's keys/values at their positions (`key_positions`, slot p holds position p) into
+    `cached_key`/`cached_value` `[batch, decode_length, heads, kv]` and attends over the whole cache; the
+    caller's bias masks slots after each query. Cross-attention projects the encoder output once, on the call
+    that creates the cache, and reads it back on every later step.
     """
 
     config: TransformerConfig
     is_self_attention: bool = True
+    decode: bool = False
+    decode_length: Optional[int] = None  # cache length (self-attention with decode=True)
 
     def setup(self):
         cfg = self.config
@@ -275,6 +325,15 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )
         self.dropout = nn.Dropout(rate=cfg.dropout_rate)
+        if self.decode:
+            if self.is_self_attention and self.decode_length is None:
+                raise ValueError(f"{self.name}: cached self-attention needs decode_length")
+            self.kv_cache = KeyValueCache(self.decode_length if self.is_self_attention else None, name="kv_cache")
+
+    def project_kv(self, inputs_kv: Array) -> Tuple[Array, Array]:
+        if self.config.fuse_projections:
+            return fused_dense([self.key, self.value], inputs_kv)
+        return self.key(inputs_kv), self.value(inputs_kv)
 
     def project_qkv(self, inputs_q: Array, inputs_kv: Array):
         cfg = self.config
@@ -294,13 +353,21 @@ class MultiHeadAttention(nn.Module):
         key_positions: Optional[Array] = None,  # [batch, k_len], rotary only
     ) -> Array:
         cfg = self.config
-        query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
+        if self.decode and not self.is_self_attention:
+            query = self.query(inputs_q)
+            key, value = self.kv_cache(lambda: self.project_kv(inputs_kv))
+        else:
+            query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
         query = constrain(query, "batch", "length", "heads", "kv")
         key = constrain(key, "batch", "length", "heads", "kv")
         value = constrain(value, "batch", "length", "heads", "kv")
         if cfg.position_embedding == "rotary":
             query = rotary_embedding(query, query_positions, cfg.rotary_base)
             key = rotary_embedding(key, key_positions, cfg.rotary_base)
+        if self.decode and self.is_self_attention:
+            if key_positions is None:
+                raise ValueError(f"{self.name}: cached self-attention needs the query/key positions")
+            key, value = self.kv_cache(lambda: (key, value), key_positions)
         if cfg.scale_attention_logits:
             query = query * jnp.asarray(cfg.head_dim**-0.5, query.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) + bias
@@ -389,6 +456,15 @@ def prefix_lm_mask(causal_attention: Array) -> Array:
     prefix = causal_attention.astype(bool)
     bidirectional = (prefix[:, :, None] & prefix[:, None, :])[:, None]
     return causal_mask(causal_attention.shape[1]) | bidirectional
+
+
+def cached_causal_mask(positions: Array, decode_length: int) -> Array:
+    """`[batch, 1, q_len, decode_length]`: a query at position p sees the cache slots 0..p (slot i holds position i).
+
+    Slots after p may hold stale keys (a longer row's prompt padding, or nothing yet); they stay masked until
+    the step that writes position p overwrites them.
+    """
+    return (jnp.arange(decode_length)[None, None, :] <= positions[:, :, None])[:, None]
 
 
 def mask_to_bias(mask: Array) -> Array:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t5k.models.config import TransformerConfig
+from t5k.models import layers
 from t5k.models.layers import Array, MlpBlock, MultiHeadAttention, constrain, make_norm
 
 REMAT_POLICIES = {
@@ -47,11 +48,16 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Causal self-attention, then (encoder-decoder only) cross-attention to the encoder, then the MLP."""
+    """Causal self-attention, then (encoder-decoder only) cross-attention to the encoder, then the MLP.
+
+    `decode=True`: attention keys/values are cached (see `MultiHeadAttention`); `positions` are required.
+    """
 
     config: TransformerConfig
     scanned: bool = False
     cross_attention: bool = True
+    decode: bool = False
+    decode_length: Optional[int] = None
 
     @nn.compact
     def __call__(
@@ -66,11 +72,13 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dropout = nn.Dropout(rate=cfg.dropout_rate)
         h = make_norm(cfg, "pre_self_attention_norm")(x)
-        h = MultiHeadAttention(cfg, name="self_attention")(h, h, self_bias, deterministic, positions, positions)
+        h = MultiHeadAttention(cfg, decode=self.decode, decode_length=self.decode_length, name="self_attention")(
+            h, h, self_bias, deterministic, positions, positions
+        )
         x = x + dropout(h, deterministic=deterministic)
         if self.cross_attention and encoded is not None:  # None: an encoder pass through a shared stack
             h = make_norm(cfg, "pre_cross_attention_norm")(x)
-            h = MultiHeadAttention(cfg, is_self_attention=False, name="encoder_decoder_attention")(
+            h = MultiHeadAttention(cfg, is_self_attention=False, decode=self.decode, name="encoder_decoder_attention")(
                 h, encoded, cross_bias, deterministic
             )
             x = x + dropout(h, deterministic=deterministic)
@@ -87,9 +95,10 @@ def apply_layer_stack(
     """Runs `num_layers` layers of `layer_cls` on `x`; call inside a parent's `nn.compact` method.
 
     `args` are passed unchanged to every layer (masks, positions, encoder output). Unrolled layers are named
-    `layers_{i}`; the scanned stack is named `layers` and its parameters carry the logical axis `layers`.
+    `layers_{i}`; the scanned stack is named `layers` and its parameters (and decoding caches) carry the logical
+    axis `layers`. Cached decoding (`decode=True` in `layer_kwargs`) runs without remat: there is no backward pass.
     """
-    if config.remat_policy != "none":
+    if config.remat_policy != "none" and not layer_kwargs.get("decode", False):
         layer_cls = nn.remat(
             layer_cls,
             policy=REMAT_POLICIES[config.remat_policy],
@@ -99,7 +108,7 @@ def apply_layer_stack(
     if config.scan_layers:
         scanned_cls = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * (len(args) + 1),
             length=num_layers,
@@ -110,6 +119,28 @@ def apply_layer_stack(
     for i in range(num_layers):
         x = layer_cls(config, name=f"layers_{i}", **layer_kwargs)(x, *args, deterministic)
     return x
+
+
+def cached_self_attention_bias(
+    config: TransformerConfig, positions: Optional[Array], decode_length: Optional[int], **unsupported
+) -> Array:
+    """Self-attention bias `[batch, 1 or heads, q_len, decode_length]` of a cached decoding call.
+
+    Call inside the decoder's compact method (it creates the stack's `relpos_bias` when positions are relative).
+    `unsupported` names inputs that cached decoding does not take (packing, prefix-LM masks); they must be None.
+    """
+    given = sorted(name for name, value in unsupported.items() if value is not None)
+    if given:
+        raise ValueError(f"cached decoding (decode=True) does not support {given}")
+    if positions is None or decode_length is None:
+        raise ValueError("cached decoding (decode=True) needs decoder_positions [batch, q_len] and decode_length")
+    bias = layers.mask_to_bias(layers.cached_causal_mask(positions, decode_length))  # [batch, 1, q, decode_length]
+    if config.position_embedding == "relative":
+        bias = bias + layers.RelativePositionBiases(
+            config.relative_attention_num_buckets, config.relative_attention_max_distance, config.num_heads,
+            bidirectional=False, name="relpos_bias",
+        )(positions, jnp.arange(decode_length))
+    return bias
 
 
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")

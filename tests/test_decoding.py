@@ -1,0 +1,299 @@
+"""Cached decoding: equals uncached full-forward greedy, beam/top-k/temperature limits equal greedy, stop
+strings end generation exactly, per-row seeds, and greedy/beam outputs equal `transformers` `generate`."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5k import convert, decoding, stop_strings
+from t5k.models import DecoderOnly, EncoderDecoder, TransformerConfig
+
+VOCAB = 64
+TINY = dict(vocab_size=VOCAB, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=2,
+            num_decoder_layers=2, dtype="float32")
+GPT = dict(TINY, num_encoder_layers=0, norm="layer", norm_epsilon=1e-5, use_bias=True, mlp_activations=("gelu",),
+           position_embedding="absolute", max_length=32, scale_attention_logits=True, tie_embeddings=True)
+N = 8  # new tokens
+
+
+def _livelier(params, seed):
+    """Random params with larger weights than the init (so that tokens and EOS vary along a sequence)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _init(model, *inputs):
+    return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)["params"])
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_decoder(scan: bool):
+    model = EncoderDecoder(TransformerConfig(**TINY, scan_layers=scan))
+    dummy = jnp.ones((1, 4), jnp.int32)
+    return model, _init(model, dummy, dummy)
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder_only(scan: bool, position_embedding: str):
+    model = DecoderOnly(TransformerConfig(**GPT, scan_layers=scan).replace(position_embedding=position_embedding))
+    return model, _livelier(_init(model, jnp.ones((1, 4), jnp.int32)), 2)
+
+
+def _truncate_after(tokens: np.ndarray, stop: int) -> np.ndarray:
+    """Rows cut after their first `stop` id, 0s after (what a run that stops on `stop` produces)."""
+    out = tokens.copy()
+    for row in out:
+        hits = np.flatnonzero(row == stop)
+        if hits.size:
+            row[hits[0] + 1:] = 0
+    return out
+
+
+def _encoder_batch():
+    rng = np.random.default_rng(0)
+    enc = rng.integers(2, VOCAB, (3, 11)).astype(np.int32)
+    enc[1, 6:] = 0
+    enc[2, 2:] = 0
+    return enc
+
+
+def _prompts():
+    """Right-padded prompts of lengths 5, 2, 7 (ids >= 2: no pad, no EOS inside)."""
+    rng = np.random.default_rng(1)
+    lengths = np.array([5, 2, 7])
+    prompt = rng.integers(2, VOCAB, (3, 7)).astype(np.int32)
+    prompt[np.arange(7)[None] >= lengths[:, None]] = 0
+    return prompt, lengths
+
+
+def _uncached_decoder_only_greedy(model, params, prompt, length, n, eos=1):
+    """Reference: one prompt alone, unpadded, a full forward pass over the growing sequence per new token."""
+    apply = jax.jit(model.apply)
+    seq = list(prompt[:length])
+    out = []
+    for _ in range(n):
+        buffer = np.zeros((1, len(prompt) + n), np.int32)  # fixed width: one compilation; causal, so 0s after are inert
+        buffer[0, : len(seq)] = seq
+        token = int(np.argmax(np.asarray(apply({"params": params}, jnp.asarray(buffer)))[0, len(seq) - 1]))
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out + [0] * (n - len(out))
+
+
+def _greedy(model, params, batch, stop_token_ids=(1,)):
+    config = decoding.DecodeConfig(max_new_tokens=N, stop_token_ids=stop_token_ids)
+    return np.asarray(decoding.generate(model, params, batch, config).tokens[:, 0])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_greedy_equals_uncached_encoder_decoder(scan):
+    model, params = _encoder_decoder(scan)
+    enc = _encoder_batch()
+    free = np.asarray(decoding.greedy_decode_uncached(model, params, jnp.asarray(enc), N, eos_id=-1))
+    # A stop id that occurs mid-sequence in this model's output, so that early stopping is exercised.
+    stop = int(free[0, 3])
+    ref = _truncate_after(free, stop)
+    got = _greedy(model, params, {"encoder_input_tokens": enc}, stop_token_ids=(stop,))
+    np.testing.assert_array_equal(got, ref)
+    assert len({tuple(r) for r in ref}) == 3 and (ref == 0).any()
+
+
+@pytest.mark.parametrize("scan,position_embedding", [(False, "absolute"), (True, "rotary")])
+def test_cached_greedy_equals_uncached_decoder_only_padded(scan, position_embedding):
+    model, params = _decoder_only(scan, position_embedding)
+    prompt, lengths = _prompts()
+    got = _greedy(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths})
+    ref = np.array([_uncached_decoder_only_greedy(model, params, p, n, N) for p, n in zip(prompt, lengths)])
+    np.testing.assert_array_equal(got, ref)
+    assert len({tuple(r) for r in ref}) == 3
+
+
+def test_prompt_lengths_default_to_the_last_nonzero_id():
+    model, params = _decoder_only(False, "absolute")
+    prompt, lengths = _prompts()
+    np.testing.assert_array_equal(_greedy(model, params, {"prompt_tokens": prompt}),
+                                  _greedy(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths}))
+
+
+def test_limits_equal_greedy():
+    """Beam width 1, top-k = 1 and temperature -> 0 all reproduce greedy decoding."""
+    model, params = _encoder_decoder(False)
+    batch = {"encoder_input_tokens": _encoder_batch()}
+    greedy = _greedy(model, params, batch)
+    base = decoding.DecodeConfig(max_new_tokens=N)
+    for config in (base.replace(method="beam", num_beams=1), base.replace(method="sample", top_k=1),
+                   base.replace(method="sample", temperature=1e-4)):
+        out = decoding.generate(model, params, batch, config, seeds=[3, 4, 5])
+        np.testing.assert_array_equal(np.asarray(out.tokens[:, 0]), greedy, err_msg=str(config))
+
+
+def test_sampling_per_row_seeds_do_not_depend_on_the_batch():
+    model, params = _decoder_only(False, "absolute")
+    prompt, lengths = _prompts()
+    config = decoding.DecodeConfig(method="sample", max_new_tokens=N, num_samples=2, top_p=0.9, top_k=20,
+                                   repetition_penalty=1.3)
+    together = decoding.generate(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths}, config,
+                                 seeds=[7, 8, 9])
+    alone = decoding.generate(model, params, {"prompt_tokens": prompt[2:, :7], "prompt_lengths": lengths[2:]},
+                              config, seeds=[9])
+    tokens = np.asarray(together.tokens)
+    np.testing.assert_array_equal(tokens[2], np.asarray(alone.tokens)[0])
+    np.testing.assert_allclose(np.asarray(together.scores)[2], np.asarray(alone.scores)[0], rtol=1e-5)
+    assert not np.array_equal(tokens[2, 0], tokens[2, 1])  # the two samples of a row differ
+
+
+class _ByteVocab:
+    """A vocabulary whose ids decode to fixed byte strings (the `id_bytes` protocol of t5k's vocabularies)."""
+
+    eos_id = 1
+
+    def __init__(self):
+        letters = "abcdefgh"
+        table = [b"", b""] + [(letters[i % 8] * (1 + i % 3)).encode() + (b" " if i % 5 == 0 else b"")
+                              for i in range(2, VOCAB)]
+        self.id_bytes = table
+
+    def decode(self, ids):
+        ids = list(ids)
+        ids = ids[: ids.index(1)] if 1 in ids else ids
+        return b"".join(self.id_bytes[i] for i in ids).decode()
+
+
+def test_stop_string_automaton_matches_brute_force():
+    vocab = _ByteVocab()
+    strings = ("cab", "b b", "hhhh", "g")
+    tables = stop_strings.StopStringTables.build(strings, vocab.id_bytes)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(2, VOCAB, 12)
+        state, first = jnp.zeros((), jnp.int32), None
+        for t, i in enumerate(ids):
+            state, completes = tables.advance(state, jnp.int32(i))
+            if completes and first is None:
+                first = t
+        text = b""
+        expected = None
+        for t, i in enumerate(ids):
+            text += vocab.id_bytes[i]
+            if any(s.encode() in text for s in strings):
+                expected = t
+                break
+        assert first == expected, (ids, first, expected)
+
+
+def test_stop_string_ends_generation_exactly_there():
+    model, params = _encoder_decoder(False)
+    vocab = _ByteVocab()
+    batch = {"encoder_input_tokens": _encoder_batch()[:1]}
+    config = decoding.DecodeConfig(max_new_tokens=N, stop_token_ids=())
+    free = np.asarray(decoding.generate(model, params, batch, config).tokens)[0, 0]
+    pieces = [vocab.id_bytes[i] for i in free]
+    text = b"".join(pieces)
+    # A stop string that starts inside token 2 and ends inside token 4 (or at the end of the shortest piece).
+    start = len(b"".join(pieces[:2])) + len(pieces[2]) - 1
+    end = len(b"".join(pieces[:4])) + 1
+    stop = text[start:end].decode()
+    assert text.find(stop.encode()) == start, "pick a first occurrence for a clean check"
+    stop_token = next(t for t in range(N) if stop.encode() in b"".join(pieces[: t + 1]))
+    out = decoding.generate(model, params, batch, config.replace(stop_strings=(stop,)), vocabulary=vocab)
+    tokens = np.asarray(out.tokens)[0, 0]
+    np.testing.assert_array_equal(tokens[: stop_token + 1], free[: stop_token + 1])
+    assert (tokens[stop_token + 1:] == 0).all()
+    texts = decoding.decode_outputs(vocab, out.tokens, config.replace(stop_strings=(stop,)))
+    assert texts == [[text[:start].decode()]]
+
+
+def test_bad_inputs_raise_named_errors():
+    model, params = _decoder_only(False, "absolute")
+    with pytest.raises(ValueError, match=r"prompt rows \[1\]"):
+        decoding.generate(model, params, {"prompt_tokens": np.array([[3, 4], [0, 0]])}, decoding.DecodeConfig())
+    with pytest.raises(ValueError, match="DecodeConfig.top_p"):
+        decoding.DecodeConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"stop_strings\[0\]"):
+        decoding.DecodeConfig(stop_strings=("",))
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        decoding.generate(model, params, {"prompt_tokens": np.ones((1, 30), np.int32)},
+                          decoding.DecodeConfig(max_new_tokens=4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity with transformers `generate` on imported weights.
+
+try:
+    import torch
+    import transformers
+except ImportError:  # the [hf] extra is optional
+    torch = transformers = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs torch and transformers")
+
+# transformers' beam search divides by length ** alpha ('hf' form); early_stopping takes the same values.
+HF_BEAM = dict(num_beams=3, length_penalty=0.7, early_stopping=False)
+T5K_BEAM = dict(method="beam", num_beams=3, length_penalty=0.7, length_penalty_form="hf", early_stopping=False)
+
+
+def _hf_generate(model, **kwargs):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.generate(**kwargs, max_new_tokens=N, do_sample=False, pad_token_id=0, eos_token_id=1).numpy()
+
+
+def _hf_t5():
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2,
+        relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32) * 0.5)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+@needs_transformers
+def test_t5_greedy_and_beam_equal_transformers_generate():
+    hf = _hf_t5()
+    config = convert.t5_config_from_hf(hf.config, dtype="float32")
+    params = convert.t5_params_from_hf(hf.state_dict(), config)
+    model = EncoderDecoder(config)
+    enc = _encoder_batch()
+    kwargs = dict(input_ids=torch.from_numpy(enc).long(), attention_mask=torch.from_numpy(enc > 0).long())
+    for hf_kwargs, t5k_kwargs in ((dict(num_beams=1), {}), (HF_BEAM, T5K_BEAM),
+                                  (dict(HF_BEAM, early_stopping=True), dict(T5K_BEAM, early_stopping=True))):
+        ref = _hf_generate(hf, **kwargs, **hf_kwargs)[:, 1:]  # drop the decoder start token
+        got = np.asarray(decoding.generate(model, params, {"encoder_input_tokens": enc},
+                                           decoding.DecodeConfig(max_new_tokens=N, **t5k_kwargs)).tokens[:, 0])
+        np.testing.assert_array_equal(got[:, : ref.shape[1]], ref, err_msg=str(hf_kwargs))
+        assert (got[:, ref.shape[1]:] == 0).all()
+
+
+@needs_transformers
+def test_gpt2_greedy_and_beam_equal_transformers_generate():
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                        eos_token_id=1)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():  # GPT-2's 0.02 init makes every logit ~0: livelier weights
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    config = convert.gpt2_config_from_hf(hf.config, dtype="float32")
+    params = convert.gpt2_params_from_hf(hf.state_dict(), config)
+    model = DecoderOnly(config)
+    prompt, lengths = _prompts()
+    for hf_kwargs, t5k_kwargs in ((dict(num_beams=1), {}), (HF_BEAM, T5K_BEAM)):
+        got = np.asarray(decoding.generate(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths},
+                                           decoding.DecodeConfig(max_new_tokens=N, **t5k_kwargs)).tokens[:, 0])
+        for row, (p, n) in enumerate(zip(prompt, lengths)):  # transformers: each prompt alone, unpadded
+            ref = _hf_generate(hf, input_ids=torch.from_numpy(p[None, :n]).long(), **hf_kwargs)[0, n:]
+            np.testing.assert_array_equal(got[row, : len(ref)], ref, err_msg=f"{hf_kwargs} row {row}")
+            assert (got[row, len(ref):] == 0).all()
