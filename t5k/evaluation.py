@@ -8,8 +8,9 @@ For each task, over the first `max_examples` examples of the split in file order
 * predictions: multiple-choice tasks (those with candidate answers: the few-shot templates' `choices`, or gin
   `evaluate.choices`) are answered by rank classification over the candidates, unless
   `evaluate.rank_classification=False`; every other task by generation (`t5k.decoding`, gin `DecodeConfig.*`)
-  from the decoded inputs. Rank classification reports the metrics twice: of the argmax of the summed
-  log-likelihood (plain names) and of the per-token mean (names suffixed `_length_normalized`).
+  from the task's input ids (decoder-only: `[0] + inputs`, the PrefixLM layout). Rank classification reports
+  the metrics twice: of the argmax of the summed log-likelihood (plain names) and of the per-token mean (names
+  suffixed `_length_normalized`). Candidates are scored with EOS, as the task's targets end with it.
 * targets and predictions go through the task's `postprocess_fn` (targets with `is_target=True` and the
   example, as seqio's Evaluator does), then through its `predict_metric_fns`; `score_metric_fns` get the
   log-likelihood of each target.
@@ -121,9 +122,8 @@ def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str
             by_mean = [choices[i] for i in np.argmax(means, axis=1)]
         else:
             method = "generation"
-            generate = infer.model_generator(loaded, config, batch_size)
             seeds = [(seed + i) % (1 << 32) for i in range(len(inputs))]
-            by_sum = [samples[0] for samples in generate(input_texts, seeds, ())]
+            by_sum = [samples[0] for samples in generate_from_ids(loaded, config, inputs, seeds, batch_size)]
     predictions = [_postprocess(task, text, ex, False) for text, ex in zip(by_sum, examples)]
     metrics = _metrics(task, targets, predictions, scores)
     if method == "rank_classification":
@@ -168,6 +168,38 @@ def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: O
                         for name, value in _metrics(task, targets, normalized, None).items()})
     rows = [{"input": e.prompt, "target": e.target, "prediction": p} for e, p in zip(examples, by_sum)]
     return TaskResult(task_name, method, len(examples), metrics, rows)
+
+
+def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int], batch_size: int) -> List[List[str]]:
+    """`[example][sample]` texts generated from task inputs in the layout the model was trained on: the
+    encoder input as the task gives it (EOS-terminated); for a decoder-only model `[0] + inputs`, the prefix
+    of seqio's PrefixLM layout `inputs, EOS, targets`. Batches have `batch_size` rows (short ones padded with
+    copies of their first row, whose outputs are dropped)."""
+    if loaded.is_encoder_decoder:
+        key, rows = "encoder_input_tokens", [list(ids) for ids in inputs]
+    else:
+        key, rows = "prompt_tokens", [[0] + list(ids) for ids in inputs]
+        model_config = loaded.model.config
+        room = model_config.max_length - config.max_new_tokens + 1
+        too_long = [i for i, row in enumerate(rows) if model_config.position_embedding == "absolute" and len(row) > room]
+        if too_long:
+            raise ValueError(f"examples {too_long[:5]}: inputs longer than {room - 1} tokens, the model's max_length "
+                             f"{model_config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}")
+    texts: List[List[str]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk, chunk_seeds = rows[start: start + batch_size], seeds[start: start + batch_size]
+        pad = batch_size - len(chunk)
+        padded = chunk + [chunk[0]] * pad
+        tokens = np.zeros((batch_size, scoring.length_bucket(max(map(len, padded)))), np.int32)
+        for i, row in enumerate(padded):
+            tokens[i, : len(row)] = row
+        batch = {key: tokens}
+        if key == "prompt_tokens":
+            batch["prompt_lengths"] = np.asarray([len(row) for row in padded], np.int32)
+        result = decoding.generate(loaded.model, loaded.params, batch, config,
+                                   np.asarray(chunk_seeds + [chunk_seeds[0]] * pad, np.uint32), loaded.vocabulary)
+        texts += decoding.decode_outputs(loaded.vocabulary, np.asarray(result.tokens), config)[: len(chunk)]
+    return texts
 
 
 # ------------------------------------------------------------------------------------------------ reports

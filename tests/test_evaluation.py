@@ -10,7 +10,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5k import checkpoints, cli, metrics, scoring
+from t5k import checkpoints, cli, decoding, metrics, scoring
 from t5k.models import EncoderDecoder, TransformerConfig, abstract_params
 from t5k.trainer import unbox_values
 from t5k.vocab import default_vocabulary
@@ -98,6 +98,12 @@ def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup)
     ranked = scoring.rank_classify(model, params, vocab, [f"리뷰: {t}" for t, _ in REVIEWS],
                                    [list(LABELS)] * len(REVIEWS))
     assert [r["prediction"] for r in rows] == [LABELS[r.best_by_sum] for r in ranked]
+
+    # Generation: the answers task's predictions are greedy decoding of its inputs (here through generate_text).
+    rows = [json.loads(line) for line in (out / "predictions" / "t5k_test_answers.jsonl").read_text().splitlines()]
+    expected = decoding.generate_text(model, params, vocab, [f"질문: {t}" for t, _ in REVIEWS],
+                                      decoding.DecodeConfig(max_new_tokens=3))
+    assert [[r["prediction"]] for r in rows] == expected
 
     table = (out / "results.md").read_text().splitlines()
     assert "| task | method | examples | metric | value |" in table
