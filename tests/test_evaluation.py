@@ -99,6 +99,14 @@ def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup)
                                    [list(LABELS)] * len(REVIEWS))
     assert [r["prediction"] for r in rows] == [LABELS[r.best_by_sum] for r in ranked]
 
+    # The task's perplexity (t5k.scoring over the task's own examples) agrees with the score metric eval reported:
+    # exp(-(mean log-likelihood × examples) / target tokens, EOS included).
+    tokens = sum(len(vocab.encode(y)) + 1 for _, y in REVIEWS)
+    perplexity, count = scoring.task_perplexity(model, params, "t5k_test_reviews", {"inputs": 16, "targets": 8})
+    assert count == 5
+    assert perplexity == pytest.approx(np.exp(-reviews["metrics"]["mean_target_log_likelihood"] * 5 / tokens),
+                                       rel=1e-5)
+
     # Generation: the answers task's predictions are greedy decoding of its inputs (here through generate_text).
     rows = [json.loads(line) for line in (out / "predictions" / "t5k_test_answers.jsonl").read_text().splitlines()]
     expected = decoding.generate_text(model, params, vocab, [f"질문: {t}" for t, _ in REVIEWS],
