@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5k import checkpoints, decoding, infer, model_loading, optim, partitioning, trainer
+from t5k import checkpoints, cli, decoding, infer, model_loading, optim, partitioning, trainer
 from t5k.models import build_model
 
 GIN = """
@@ -114,7 +114,7 @@ def test_bad_lines_become_error_records_and_good_lines_are_answered(checkpoint_4
     assert answered[2]["outputs"] == stopped[0] and "다" not in stopped[0][0]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path, capsys):
     directory, _ = checkpoint_4x2
     prompts = ["하나", "둘 셋", "넷", '{"broken', "다섯 여섯", "일곱"]
     lines = [p if p.startswith("{") else json.dumps({"prompt": p}, ensure_ascii=False) for p in prompts]
@@ -130,8 +130,10 @@ def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path
     counts = infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)
     assert counts == {"outputs": 2, "errors": 1, "skipped": 3}
     assert partial.read_bytes() == full
-    # Nothing left to do: a rerun writes nothing and changes nothing.
-    assert infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)["skipped"] == 6
+    # Nothing left to do: a rerun (here through the command line) writes nothing and changes nothing.
+    assert cli.main(["infer", f"--checkpoint={directory}", f"--input={source}", f"--output={partial}",
+                     "--num_devices=1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"outputs": 0, "errors": 0, "skipped": 6}
     assert partial.read_bytes() == full
     # An output written for another input is refused, not silently mixed.
     _write_lines(source, [json.dumps({"prompt": "전혀 다른 입력"}, ensure_ascii=False)] + lines[1:])
