@@ -129,7 +129,7 @@ def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str
     if method == "rank_classification":
         normalized = [_postprocess(task, text, ex, False) for text, ex in zip(by_mean, examples)]
         metrics.update({f"{k}_length_normalized": v
-                        for k, v in _metrics(task, targets, normalized, scores).items()})
+                        for k, v in _metrics(task, targets, normalized, None).items()})
     rows = [{"input": i, "target": t, "prediction": p} for i, t, p in zip(input_texts, target_texts, by_sum)]
     return TaskResult(task_name, method, len(examples), metrics, rows)
 

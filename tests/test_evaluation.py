@@ -84,8 +84,7 @@ def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup)
     assert (reviews["method"], reviews["examples"], answers["method"], answers["examples"]) == (
         "rank_classification", 5, "generation", 5)
     assert set(reviews["metrics"]) == {"accuracy", "macro_f1", "mean_target_log_likelihood",
-                                       "accuracy_length_normalized", "macro_f1_length_normalized",
-                                       "mean_target_log_likelihood_length_normalized"}
+                                       "accuracy_length_normalized", "macro_f1_length_normalized"}
     assert set(answers["metrics"]) == {"em", "f1"}
 
     # The reported numbers are those of the written predictions (rank classification by the summed score).
