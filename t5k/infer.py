@@ -249,7 +249,8 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     """Restores the gin model from `checkpoint` (or random parameters when None) and serves `input_path`.
 
     batch_size: rows per generation call (a multiple of the mesh's data axis). input_length: the most tokens
-    an encoder-decoder prompt may have, EOS included. seed: base of the per-line sampling seeds.
+    a prompt may have (encoder-decoder: EOS included; decoder-only models with learned positions are also
+    capped by max_length minus max_new_tokens). seed: base of the per-line sampling seeds.
     Decoding settings: gin `DecodeConfig.*` (t5k.decoding)."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input {input_path}: no such file")
