@@ -9,6 +9,7 @@ Definition, over the pieces of the morph_bbpe pre-tokenizer (`t5k.morph`; a piec
   a single ``.`` ``,`` ``:`` ``-`` or ``/`` standing between two digit runs: ``3,000``, ``2024.03.01``, ``10:30``;
 * date: a number directly followed (no space) by a piece that is exactly ``년``, ``월`` or ``일``: ``2024년``,
   ``3월``, ``15일부터`` -> ``15일``. The unit must be a piece of its own (the analyser cut the run after it).
+  Durations written the same way (``2년 전``) are flagged too: the analyser does not tell them apart.
 
 Not salient: Latin and Hanja runs (not analysed), numerals written in Hangul (``NR``: 하나, 삼), units other than
 년/월/일 (``3,000원`` flags ``3,000``). Adjacent salient pieces form one span (``2024년 3월``).
