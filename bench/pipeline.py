@@ -207,13 +207,14 @@ def main(argv=None) -> int:
         "benchmark": "packed span-corrupted ct5 batches 512/114",
         "batch_size": args.batch_size, "batches": args.batches, "cores": len(os.sched_getaffinity(0)),
         "tokens_per_s_per_core": per_core, "tokens_per_cpu_s": per_cpu_s, "whole_pass_tokens_per_cpu_s": whole,
-        "ratio_a_t5k_over_seqio": round(per_core["t5k_a_raw_text"] / per_core["seqio_a_raw_text"], 3),
-        "ratio_a_warm_t5k_over_seqio": round(per_core["t5k_a_raw_text_warm"] / per_core["seqio_a_raw_text"], 3),
-        "ratio_a_cpu_s_t5k_over_seqio": round(per_cpu_s["t5k_a_raw_text"] / per_cpu_s["seqio_a_raw_text"], 3),
-        "ratio_a_warm_cpu_s_t5k_over_seqio": round(per_cpu_s["t5k_a_raw_text_warm"] / per_cpu_s["seqio_a_raw_text"],
-                                                   3),
-        "ratio_a_whole_pass_cpu_s_t5k_over_seqio": round(whole["t5k_a_raw_text"] / whole["seqio_a_raw_text"], 3),
-        "ratio_b_t5k_over_seqio": round(per_core["t5k_b_token_cache"] / per_core["seqio_b_pretokenized"], 3),
+        # Headline: whole-pass CPU (the stable figure on a shared machine; for a cold analyser cache the only
+        # honest one, since tf.data analyses many eojeols ahead during the warm-up). Then steady-state wall.
+        "ratio_a_cold_whole_pass_cpu": round(whole["t5k_a_raw_text"] / whole["seqio_a_raw_text"], 3),
+        "ratio_a_warm_whole_pass_cpu": round(whole["t5k_a_raw_text_warm"] / whole["seqio_a_raw_text"], 3),
+        "ratio_b_whole_pass_cpu": round(whole["t5k_b_token_cache"] / whole["seqio_b_pretokenized"], 3),
+        "ratio_a_cold_steady_wall": round(per_core["t5k_a_raw_text"] / per_core["seqio_a_raw_text"], 3),
+        "ratio_a_warm_steady_wall": round(per_core["t5k_a_raw_text_warm"] / per_core["seqio_a_raw_text"], 3),
+        "ratio_b_steady_wall": round(per_core["t5k_b_token_cache"] / per_core["seqio_b_pretokenized"], 3),
         "target_b_50k_per_core_met": per_core["t5k_b_token_cache"] >= 50_000,
     }
     print(json.dumps(summary))
