@@ -53,7 +53,7 @@ def salient_char_spans(text: str, tags: Dict[str, tuple]) -> List[Tuple[int, int
     """[(start, end)] character spans of the salient pieces of `text`, adjacent ones merged.
 
     `tags` maps every letter run of `text` to its `morph.piece_tags` entry.
-    "2024년 3월 김철수가" -> [(0, 5), (5, 12)]: "2024년" and " 3월 김철수" (spans keep their leading space)."""
+    "2024년에 김철수가" -> [(0, 5), (6, 10)]: "2024년" and " 김철수" (spans keep their leading space)."""
     stage1 = morph.pieces_by_pattern(text)
     kinds = [_kind(p) for p in stage1]
     spans: List[List[int]] = []
