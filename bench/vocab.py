@@ -110,9 +110,10 @@ def ablation(v, lines, morphemes):
 
 
 def _time_encode(v, lines):
-    t = time.perf_counter()
+    """(wall seconds, CPU seconds of the whole process incl. Kiwi's and Rust's threads, tokens)."""
+    t, c = time.perf_counter(), time.process_time()
     ids = _encode_all(v, lines)
-    return time.perf_counter() - t, sum(map(len, ids))
+    return time.perf_counter() - t, time.process_time() - c, sum(map(len, ids))
 
 
 def _worker(args):
@@ -130,6 +131,8 @@ def throughput(path, lines, prime, procs):
 
     cold: fresh processes, empty caches (every eojeol new to the analyser); primed: fresh processes that first
     encoded `prime` (other text, as a training stream would have); warm: a second pass over the same text.
+    MB_per_cpu_s divides by the CPU time the processes used: on a machine shared with other jobs it is the
+    figure that does not move with the load (an idle core gives about that much per second).
     """
     n_bytes = sum(len(l.encode()) + 1 for l in lines)
     out = {}
@@ -141,9 +144,10 @@ def throughput(path, lines, prime, procs):
             primed = pool.map(_worker, [(path, prime, c) for c in chunks])
         for phase, res in (("cold", [r[0] for r in cold]), ("primed", [r[0] for r in primed]),
                            ("warm", [r[1] for r in primed])):
-            wall = max(r[0] for r in res)
-            tokens = sum(r[1] for r in res)
-            out[f"{phase}_{n}proc"] = {"MB_per_s": round(n_bytes / wall / 1e6, 3), "tokens_per_s": round(tokens / wall)}
+            wall, cpu = max(r[0] for r in res), sum(r[1] for r in res)
+            tokens = sum(r[2] for r in res)
+            out[f"{phase}_{n}proc"] = {"MB_per_s": round(n_bytes / wall / 1e6, 3), "tokens_per_s": round(tokens / wall),
+                                       "MB_per_cpu_s": round(n_bytes / cpu / 1e6, 3)}
     return out
 
 
