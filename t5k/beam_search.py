@@ -28,7 +28,7 @@ def beam_search(stepper: Stepper, config, stops) -> Tuple[jax.Array, jax.Array]:
     `config` is a `DecodeConfig`; `stops` the stop-string tables or None.
     """
     start = stepper.start
-    batch, vocab = start.logits.shape
+    batch, vocab = start.tokens.shape[0], stepper.vocab_size
     beams, n = config.num_beams, config.max_new_tokens
     candidates = min(max(2, 1 + len(config.stop_token_ids)) * beams, beams * vocab)
     penalty = config.length_penalty_fn()
@@ -39,9 +39,9 @@ def beam_search(stepper: Stepper, config, stops) -> Tuple[jax.Array, jax.Array]:
     state = dict(
         t=jnp.zeros((), jnp.int32),
         cache=take_rows(start.cache, start.cache_axes, rows),
-        logits=start.logits[rows],  # [batch * beams, vocab]
+        inputs=start.tokens[rows],  # [batch * beams], the token the next step feeds
         tokens=jnp.zeros((batch, beams, n), jnp.int32),
-        # Only beam 0 is live at the start, so the first step's candidates are distinct tokens.
+        # Only beam 0 is live at the start (all beams begin as copies of the prompt's row).
         scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(neg),
         stop_state=jnp.zeros((batch, beams), jnp.int32),
         seen=(logits_processing.seen_ids(start.history[rows], start.history_mask[rows], vocab)
@@ -55,7 +55,8 @@ def beam_search(stepper: Stepper, config, stops) -> Tuple[jax.Array, jax.Array]:
 
     def body(s):
         t = s["t"]
-        logprobs = logits_processing.process_logits(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"], t, config)
+        logits, cache = stepper.step(s["cache"], context, s["inputs"], positions + t)  # [batch * beams, vocab]
+        logprobs = logits_processing.process_logits(jax.nn.log_softmax(logits, axis=-1), s["seen"], t, config)
         total = (logprobs.reshape(batch, beams, vocab) + s["scores"][..., None]).reshape(batch, beams * vocab)
         top_scores, top_index = jax.lax.top_k(total, candidates)  # [batch, candidates], best first
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -92,11 +93,9 @@ def beam_search(stepper: Stepper, config, stops) -> Tuple[jax.Array, jax.Array]:
         seen = s["seen"]
         if seen is not None:
             seen = seen[origin_rows].at[jnp.arange(batch * beams), next_token.reshape(-1)].set(True)
-        cache = take_rows(s["cache"], start.cache_axes, origin_rows)
-        logits, cache = stepper.step(cache, context, next_token.reshape(-1), positions + t)
         return dict(
-            t=t + 1, cache=cache, logits=logits, tokens=_gather(cand_tokens, pick),
-            scores=scores, stop_state=_gather(cand_stop_state, pick), seen=seen, finished_tokens=finished_tokens,
+            t=t + 1, cache=take_rows(cache, start.cache_axes, origin_rows), inputs=next_token.reshape(-1),
+            tokens=_gather(cand_tokens, pick), scores=scores, stop_state=_gather(cand_stop_state, pick), seen=seen, finished_tokens=finished_tokens,
             finished_scores=finished_scores, finished=finished, improvable=improvable,
             all_stopped=jnp.all(stops_here),
         )

@@ -1,9 +1,13 @@
 """The model side of cached decoding: a cache-creating start and a one-token step, alike for both architectures.
 
-`make_stepper(model, params, batch, max_new_tokens)` reads the prompts (encoder-decoder: encodes them and
-creates the decoder cache with the BOS step; decoder-only: writes the prompts into a fresh cache and steps on
-each prompt's last token) and returns the logits of the first new token together with a `step` function that
-feeds one token per row at given positions. Decoding loops (`t5k.decoding`, `t5k.beam_search`) only see these.
+`make_stepper(model, params, batch, max_new_tokens)` reads the prompts and creates the cache:
+- encoder-decoder: encodes the inputs, then makes a decode call with no decoder tokens, which allocates the
+  self-attention cache and projects the encoder output into the cross-attention keys/values once;
+- decoder-only: writes the padded prompts into a fresh cache (one prefill call; its logits are unused, so XLA
+  drops their computation).
+Decoding loops (`t5k.decoding`, `t5k.beam_search`) then call `step` once per new token, feeding first
+`Start.tokens` (T5's BOS 0, or each prompt's last token) at `Start.positions`, and from then on the token just
+chosen at the next position.
 """
 
 import dataclasses
@@ -17,29 +21,34 @@ import jax.numpy as jnp
 from t5k.models import DecoderOnly, EncoderDecoder
 
 
-
-
 @dataclasses.dataclass
 class Start:
-    """What decoding needs after the prompt has been read (all arrays batch-major over the prompts).
+    """The state after reading the prompts (arrays batch-major over the prompts).
 
     cache        the "cache" collection, unboxed
     cache_axes   the batch axis of every cache leaf (a pytree like `cache`)
     context      per-row arrays every step passes to the model again (encoder output and tokens)
-    logits       [batch, vocab] float32, the distribution of the first new token
-    positions    [batch] int32, the position at which the first new token will be fed back
-    history      [batch, hist] int32, ids the repetition penalty counts from the start (0 entries ignored
-                 unless a position is marked in `history_mask`)
+    tokens       [batch] int32, the token the first step feeds
+    positions    [batch] int32, its position (the t-th step feeds position `positions + t`)
+    history      [batch, hist] int32, ids the repetition penalty counts from the start, where `history_mask`
     history_mask [batch, hist] bool
     """
 
     cache: Any
     cache_axes: Any
     context: Dict[str, jax.Array]
-    logits: jax.Array
+    tokens: jax.Array
     positions: jax.Array
     history: jax.Array
     history_mask: jax.Array
+
+
+class Stepper(NamedTuple):
+    """`step(cache, context, tokens [rows], positions [rows]) -> (logits [rows, vocab] float32, cache)`."""
+
+    step: Callable
+    start: Start
+    vocab_size: int
 
 
 def _batch_axes(boxed_cache) -> Any:
@@ -62,41 +71,40 @@ def _start_encoder_decoder(model: EncoderDecoder, params, batch, decode_length: 
     enc = batch["encoder_input_tokens"]  # [batch, enc_len]
     rows = enc.shape[0]
     encoded = model.apply({"params": params}, enc, method=model.encode)  # [batch, enc_len, embed]
-    bos = jnp.zeros((rows, 1), jnp.int32)
-    logits, variables = model.apply(
-        {"params": params}, encoded, enc, bos, decoder_positions=bos, decode=True, decode_length=decode_length,
-        method=model.decode, mutable=["cache"],
+    nothing = jnp.zeros((rows, 0), jnp.int32)
+    _, variables = model.apply(
+        {"params": params}, encoded, enc, nothing, decoder_positions=nothing, decode=True,
+        decode_length=decode_length, method=model.decode, mutable=["cache"],
     )
+    bos = jnp.zeros((rows,), jnp.int32)
     return Start(
         cache=nn.unbox(variables["cache"]), cache_axes=_batch_axes(variables["cache"]),
-        context={"encoded": encoded, "encoder_input_tokens": enc}, logits=logits[:, 0],
-        positions=jnp.ones((rows,), jnp.int32), history=bos, history_mask=jnp.ones((rows, 1), bool),
+        context={"encoded": encoded, "encoder_input_tokens": enc}, tokens=bos, positions=bos,
+        history=bos[:, None], history_mask=jnp.ones((rows, 1), bool),
     )
 
 
 def _start_decoder_only(model: DecoderOnly, params, batch, decode_length: int) -> Start:
-    """Writes each prompt but its last token into a fresh cache, then steps on the last token for the logits.
+    """Writes the padded prompts into a fresh cache; the first step re-feeds each prompt's last token.
 
-    The prefill's own logits are unused (XLA drops their computation); writing the full padded prompt is
-    harmless because slots at or after a row's last prompt token are rewritten before any query sees them.
+    Slots at or after a row's last prompt token may hold padding; the steps rewrite them before any query
+    can see them (a query at position p sees slots 0..p only).
     """
     prompt, lengths = batch["prompt_tokens"], batch["prompt_lengths"]  # [batch, prompt_len], [batch]
-    rows, prompt_len = prompt.shape
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompt.shape)
+    positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
     _, variables = model.apply(
         {"params": params}, prompt, decoder_positions=positions, decode=True, decode_length=decode_length,
         mutable=["cache"],
     )
-    cache = nn.unbox(variables["cache"])
-    last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
-    logits, cache = _step_decoder_only(model, params, cache, {}, last, lengths - 1, decode_length)
     return Start(
-        cache=cache, cache_axes=_batch_axes(variables["cache"]), context={}, logits=logits, positions=lengths,
+        cache=nn.unbox(variables["cache"]), cache_axes=_batch_axes(variables["cache"]), context={},
+        tokens=jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0], positions=lengths - 1,
         history=prompt, history_mask=positions < lengths[:, None],
     )
 
 
 def _step_encoder_decoder(model, params, cache, context, tokens, positions, decode_length):
+    # `encoded` is passed for the layers' signature; with the cache in place nothing reads it.
     logits, variables = model.apply(
         {"params": params, "cache": cache}, context["encoded"], context["encoder_input_tokens"], tokens[:, None],
         decoder_positions=positions[:, None], decode=True, decode_length=decode_length, method=model.decode,
@@ -114,15 +122,12 @@ def _step_decoder_only(model, params, cache, context, tokens, positions, decode_
     return logits[:, 0], variables["cache"]
 
 
-class Stepper(NamedTuple):
-    """`step(cache, context, tokens [rows], positions [rows]) -> (logits [rows, vocab], cache)`."""
-
-    step: Callable
-    start: Start
-
-
 def make_stepper(model, params, batch: Dict[str, jax.Array], max_new_tokens: int) -> Stepper:
-    """The start and step of `model` (EncoderDecoder or DecoderOnly) for a validated `batch`."""
+    """The start and step of `model` (EncoderDecoder or DecoderOnly) for a validated `batch`.
+
+    Cache lengths: encoder-decoder max_new_tokens (inputs at positions 0..max_new_tokens-1); decoder-only
+    prompt_len + max_new_tokens - 1 (the last new token is never fed back).
+    """
     if isinstance(model, EncoderDecoder):
         decode_length = max_new_tokens
         start = _start_encoder_decoder(model, params, batch, decode_length)
@@ -131,4 +136,4 @@ def make_stepper(model, params, batch: Dict[str, jax.Array], max_new_tokens: int
         decode_length = batch["prompt_tokens"].shape[1] + max_new_tokens - 1
         start = _start_decoder_only(model, params, batch, decode_length)
         step = _step_decoder_only
-    return Stepper(functools.partial(step, model, params, decode_length=decode_length), start)
+    return Stepper(functools.partial(step, model, params, decode_length=decode_length), start, model.config.vocab_size)

@@ -134,7 +134,7 @@ def _row_keys(seeds: jax.Array, num_samples: int) -> jax.Array:
 
 def _sample_loop(stepper: Stepper, config: DecodeConfig, seeds: jax.Array, stops) -> GenerateOutput:
     start = stepper.start
-    batch, vocab = start.logits.shape
+    batch = start.tokens.shape[0]
     copies = config.num_samples if config.method == "sample" else 1
     rows = jnp.repeat(jnp.arange(batch), copies)
     keys = _row_keys(seeds, copies)  # [rows]
@@ -142,7 +142,7 @@ def _sample_loop(stepper: Stepper, config: DecodeConfig, seeds: jax.Array, stops
     state = dict(
         t=jnp.zeros((), jnp.int32),
         cache=take_rows(start.cache, start.cache_axes, rows),
-        logits=start.logits[rows],
+        inputs=start.tokens[rows],  # [rows], the token the next step feeds
         tokens=jnp.zeros((rows.shape[0], n), jnp.int32),
         done=jnp.zeros(rows.shape, bool),
         scores=jnp.zeros(rows.shape, jnp.float32),
@@ -150,7 +150,7 @@ def _sample_loop(stepper: Stepper, config: DecodeConfig, seeds: jax.Array, stops
         stop_state=jnp.zeros(rows.shape, jnp.int32),
     )
     if config.repetition_penalty != 1.0:
-        state["seen"] = logits_processing.seen_ids(start.history[rows], start.history_mask[rows], vocab)
+        state["seen"] = logits_processing.seen_ids(start.history[rows], start.history_mask[rows], stepper.vocab_size)
     context = jax.tree_util.tree_map(lambda x: x[rows], start.context)  # loop-invariant
     positions = start.positions[rows]
 
@@ -164,22 +164,21 @@ def _sample_loop(stepper: Stepper, config: DecodeConfig, seeds: jax.Array, stops
 
     def body(s):
         t = s["t"]
-        token = choose(s["logits"], s["seen"], t)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(s["logits"], axis=-1), token[:, None], axis=-1)[:, 0]
+        logits, cache = stepper.step(s["cache"], context, s["inputs"], positions + t)  # [rows, vocab]
+        seen = s["seen"]
+        token = choose(logits, seen, t)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
         token = jnp.where(s["done"], 0, token)
         stop = logits_processing.is_stop_id(token, config)
         stop_state = s["stop_state"]
         if stops is not None:
             stop_state, completes = stops.advance(stop_state, token)
             stop = stop | completes
-        logits, cache = stepper.step(s["cache"], context, token, positions + t)
-        seen = s["seen"]
         if seen is not None:
             seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
         return dict(
-            t=t + 1, cache=cache, logits=logits, tokens=s["tokens"].at[:, t].set(token),
-            done=s["done"] | stop, scores=s["scores"] + jnp.where(s["done"], 0.0, logprob), seen=seen,
-            stop_state=stop_state,
+            t=t + 1, cache=cache, inputs=token, tokens=s["tokens"].at[:, t].set(token), done=s["done"] | stop,
+            scores=s["scores"] + jnp.where(s["done"], 0.0, logprob), seen=seen, stop_state=stop_state,
         )
 
     def cond(s):
