@@ -110,3 +110,37 @@ def activate(mesh: Mesh, rules: LogicalRules):
     constraints (outside any mesh they are no-ops, which is what single-device code wants)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+@gin.configurable
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, auto: bool = False) -> bool:
+    """Joins a multi-process (multi-host) run with `jax.distributed.initialize`; returns whether it did.
+
+    Must run before anything asks jax for its devices (`train` calls it first). Unconfigured (the default) it
+    is a no-op: one process sees only its local devices. Set `coordinator_address`/`num_processes`/`process_id`
+    for GPU clusters, or `auto=True` where jax detects them itself (TPU pods, SLURM). After it, `jax.devices()`
+    lists every process's devices and the mesh spans all hosts.
+    """
+    if not auto and coordinator_address is None and num_processes in (None, 1):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if auto:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    return True
+
+
+def host_batch_shard(global_batch_size: int) -> Tuple[int, int, int]:
+    """(rows this process loads, its shard index, number of shards) for a global batch.
+
+    Each process reads a disjoint 1/process_count of every global batch; `trainer.device_batch` assembles the
+    processes' rows into one global array (`jax.make_array_from_process_local_data`).
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch_size % count:
+        raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the {count} processes")
+    return global_batch_size // count, index, count

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Dict, Mapping, Optional
 
 import gin
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from t5k import checkpoints, gin_utils, optim, partitioning, trainer
+from t5k import checkpoints, gin_utils, optim, partitioning, throughput, trainer
 from t5k.models import EncoderDecoder, build_model
 
 
@@ -34,22 +33,30 @@ def train(
     log_every: int = 10,
     eval_every: int = 0,
     eval_batches: int = 4,
+    eval_metric_examples: int = 64,
     checkpoint_every: int = 1000,
     keep_checkpoints: Optional[int] = 3,
     predict_examples: int = 0,
     predict_length: int = 32,
     schedule: Optional[optim.Schedule] = None,
     model_type: Optional[str] = None,
+    peak_flops_per_s: Optional[float] = None,
 ) -> Dict[str, float]:
     """Trains `build_model()` on a seqio task; returns the last logged scalars.
 
     The mesh comes from `create_mesh.*` bindings (gin/mesh/*.gin), the rules from `logical_axis_rules.*`, the
     optimizer from `make_optimizer.*`; `schedule` defaults to T5's `rsqrt_schedule()`. `model_type` picks the
     feature converter ('encoder_decoder' | 'decoder' | 'prefix_lm'; default from the model).
+    `peak_flops_per_s` (per device) is the MFU denominator; None measures it with a float32 matmul probe on the
+    first device (right for a CPU; give the datasheet figure on GPU/TPU). See `t5k.throughput`.
+    Every `eval_every` steps: loss and token accuracy on `eval_batches` validation batches, and the seqio metrics
+    of the task (or of each task of the mixture) that has metric functions, on its first `eval_metric_examples`
+    validation examples (0: skip), logged as `eval_{task}/{metric}` (see `task_metrics`).
     Resumes from the latest checkpoint in `model_dir/checkpoints` if there is one: the batch stream restarts at
     the restored step, so the continued run equals an uninterrupted one.
     """
     # Everything that can be wrong with the configuration fails here, before any compilation.
+    partitioning.initialize_distributed()  # multi-host: before anything asks jax for its devices
     model = build_model()
     mesh = partitioning.create_mesh()
     rules = partitioning.logical_axis_rules()
@@ -75,18 +82,22 @@ def train(
         else:
             state = trainer.init_state(model, optimizer, shardings, seed)
         start = int(state.step)
+        host_rows, shard_index, num_shards = partitioning.host_batch_shard(batch_size)
         batches = pipeline.get_batches(
-            mixture_or_task_name, task_feature_lengths, batch_size, split="train", seed=seed, start_step=start,
-            model_type=model_type, pack=pack,
+            mixture_or_task_name, task_feature_lengths, host_rows, split="train", seed=seed, start_step=start,
+            model_type=model_type, pack=pack, shard_index=shard_index, num_shards=num_shards,
         )
         first = next(batches)
         batch_shardings = {k: partitioning.batch_sharding(mesh, rules, v.ndim) for k, v in first.items()}
         step_fn = trainer.compile_train_step(model, optimizer, loss_config, shardings, batch_shardings,
                                              num_microbatches)
-        writer = trainer.MetricsWriter(os.path.join(model_dir, "train"), resume_step=start)
         dropout_key = jax.random.PRNGKey(seed + 1)
+        writer = trainer.MetricsWriter(os.path.join(model_dir, "train"), resume_step=start)
         last: Dict[str, float] = {}
-        tokens_since, time_since = 0.0, time.perf_counter()
+        # The first window of a process includes the train step's compilation (its first call).
+        meter = throughput.ThroughputMeter(
+            throughput.step_flops(model, {k: (batch_size,) + v.shape[1:] for k, v in first.items()}),
+            peak_flops_per_s or throughput.measure_matmul_peak(), num_devices=mesh.devices.size)
         batch = first
         progress = tqdm(range(start, train_steps), initial=start, total=train_steps, desc="train",
                         disable=not sys.stderr.isatty())
@@ -95,26 +106,28 @@ def train(
                 batch = next(batches)
             state, metrics = step_fn(state, trainer.device_batch(batch, mesh, rules),
                                      jax.random.fold_in(dropout_key, step))
-            tokens_since += sum(float(np.sum(batch[k] > 0)) for k in ("encoder_input_tokens", "decoder_target_tokens")
-                                if k in batch)
+            meter.add(trainer.real_tokens(batch) * num_shards)  # other hosts' batches: as many rows
             done = step + 1
             if done == 1 or done % log_every == 0 or done == train_steps:  # step 1: the starting loss
-                scalars = trainer.to_host(metrics)
-                elapsed = time.perf_counter() - time_since
-                scalars["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
+                scalars = trainer.to_host(metrics)  # waits for the step: the window's time is complete
+                scalars.update(meter.read())
                 scalars["learning_rate"] = optim.learning_rate_at(schedule, step)
-                tokens_since, time_since = 0.0, time.perf_counter()
                 writer.write(done, scalars)
-                progress.set_postfix(loss=f"{scalars['loss']:.3f}")
+                progress.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
+                                     mfu=f"{scalars['mfu']:.1%}")
                 print(trainer.log_line(done, scalars), flush=True)
                 last = scalars
             checkpoints.save(manager, done, state, force=done == train_steps)
             if eval_every and (done % eval_every == 0 or done == train_steps):
                 last.update(evaluate(model, state.params, mesh, rules, mixture_or_task_name, task_feature_lengths,
                                      batch_size, eval_batches, model_type, pack, seed))
-                writer.write(done, {k: v for k, v in last.items() if k.startswith("eval_")})
-                print(f"step {done}: eval_loss={last['eval_loss']:.4g} eval_accuracy={last['eval_accuracy']:.4g}",
-                      flush=True)
+                if eval_metric_examples:
+                    last.update(task_metrics(model, state.params, mesh, rules, mixture_or_task_name,
+                                             task_feature_lengths, eval_metric_examples, batch_size, seed))
+                evaluated = {k: v for k, v in last.items() if k.startswith("eval_")}
+                writer.write(done, evaluated)
+                print(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in evaluated.items()), flush=True)
+                meter.restart()  # evaluation time is not training throughput
         manager.wait_until_finished()
         writer.close()
         if predict_examples and isinstance(model, EncoderDecoder):
@@ -129,14 +142,38 @@ def evaluate(model, params, mesh, rules, name, lengths, batch_size, num_batches,
 
     loss_config = trainer.LossConfig()
     eval_fn = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model, loss_config=loss_config))
-    batches = pipeline.get_batches(name, lengths, batch_size, split="validation", seed=seed, model_type=model_type,
-                                   pack=pack)
+    host_rows, shard_index, num_shards = partitioning.host_batch_shard(batch_size)
+    batches = pipeline.get_batches(name, lengths, host_rows, split="validation", seed=seed, model_type=model_type,
+                                   pack=pack, shard_index=shard_index, num_shards=num_shards)
     totals = np.zeros(3)
     for _, batch in zip(range(num_batches), batches):
         out = jax.device_get(eval_fn(params, trainer.device_batch(batch, mesh, rules)))
         totals += [out["loss_sum"], out["correct"], out["weight"]]
     weight = max(totals[2], 1.0)
     return {"eval_loss": totals[0] / weight, "eval_accuracy": totals[1] / weight}
+
+
+def task_metrics(model, params, mesh, rules, name, lengths, num_examples, batch_size, seed) -> Dict[str, float]:
+    """The seqio metrics of task `name` (of each task, for a mixture) that has metric functions and an `inputs`
+    feature, on its first `num_examples` validation examples: `t5k eval`'s `evaluate_task`, i.e. the task's
+    postprocessor and metrics over predictions from `decoding.generate` (gin `DecodeConfig`, greedy by default)
+    or, for multiple-choice tasks, rank classification. Pre-training objectives have no metrics: {}."""
+    import seqio
+
+    from t5k import decoding, evaluation, model_loading
+
+    task_or_mixture = seqio.get_mixture_or_task(name)
+    tasks = task_or_mixture.tasks if isinstance(task_or_mixture, seqio.Mixture) else [task_or_mixture]
+    scored = [t for t in tasks if (t.predict_metric_fns or t.score_metric_fns) and "inputs" in t.output_features
+              and "validation" in t.splits]
+    out: Dict[str, float] = {}
+    for task in scored:
+        vocabulary = task.output_features["targets"].vocabulary
+        loaded = model_loading.LoadedModel(model, params, mesh, rules, vocabulary, source="training")
+        result = evaluation.evaluate_task(loaded, task.name, lengths, "validation", num_examples, batch_size,
+                                          decoding.DecodeConfig(), evaluation.task_choices(task.name), seed)
+        out.update({f"eval_{task.name}/{metric}": value for metric, value in result.metrics.items()})
+    return out
 
 
 def show_predictions(model, params, name, lengths, count, max_length, seed):

@@ -296,10 +296,21 @@ class MetricsWriter:
         self._writer.close()
 
 
+# Wall-clock figures: they differ between an interrupted-and-resumed run and an uninterrupted one, while every
+# other logged scalar is bit-identical (tests/test_train_loop.py compares all keys but these).
+TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
+
+
+def real_tokens(batch: Batch) -> float:
+    """Non-padding input + target tokens of a host batch (what tokens/s counts)."""
+    return float(sum(np.count_nonzero(batch[k]) for k in ("encoder_input_tokens", "decoder_target_tokens")
+                     if k in batch))
+
+
 def to_host(metrics: Dict[str, jax.Array]) -> Dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def log_line(step: int, scalars: Dict[str, float]) -> str:
-    keys = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "skipped_steps")
+    keys = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "skipped_steps")
     return f"step {step}: " + " ".join(f"{k}={scalars[k]:.4g}" for k in keys if k in scalars)

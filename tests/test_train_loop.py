@@ -12,6 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from t5k import trainer
+
 # A very small CT5 on the real embedded corpus and the shipped vocabulary; every step is cheap.
 TINY = [
     "--gin_file=gin/runs/quickstart.gin",
@@ -102,7 +104,12 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
 
 
 def _without_timing(curve):
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in curve]
+    """Every logged scalar but the wall-clock ones, which must be there (and only they are left out)."""
+    for row in curve:
+        assert all(row[k] > 0 for k in trainer.TIMING_METRICS), row
+    kept = [{k: v for k, v in row.items() if k not in trainer.TIMING_METRICS} for row in curve]
+    assert all({"loss", "accuracy", "learning_rate", "grad_norm", "skipped_steps"} <= set(row) for row in kept)
+    return kept
 
 
 def _leaves(tree, prefix=""):

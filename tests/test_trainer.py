@@ -163,3 +163,16 @@ def test_factored_optimizer_state_follows_parameter_shardings():
     assert spec(adafactor_state.v_row, kernel) == (None, "data", None)
     assert spec(adafactor_state.v_col, kernel) == (None, None, "model")
     assert spec(adafactor_state.v, norm) == spec(shardings.params, norm) == (None, "data", None)
+
+
+def test_single_process_setup_is_a_no_op_and_host_batches_become_global_arrays():
+    assert partitioning.initialize_distributed() is False  # nothing configured: no jax.distributed
+    assert partitioning.host_batch_shard(16) == (16, 0, 1)  # one process loads the whole batch
+    mesh = partitioning.create_mesh(data=4, model=2)
+    batch = _batch()
+    arrays = trainer.device_batch(batch, mesh, partitioning.logical_axis_rules())
+    for key, value in batch.items():
+        assert arrays[key].shape == value.shape and tuple(arrays[key].sharding.spec)[:1] == ("data",)
+        np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+        for shard in arrays[key].addressable_shards:  # each device holds its data shard's rows
+            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])

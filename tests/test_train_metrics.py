@@ -1,0 +1,94 @@
+"""Periodic evaluation in `train`: a task with seqio metric functions gets them logged at each evaluation, on
+predictions equal to an independent (uncached) greedy decode of the trained parameters."""
+
+import json
+
+import gin
+import jax
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from t5k import train
+from t5k.decoding import greedy_decode_uncached
+from t5k.model_loading import load_model
+from t5k.vocab import default_vocabulary
+
+TASK = "t5k_test_copy_words"
+WORDS = ["사과", "바다", "하늘", "구름", "나무", "연필", "우유", "기차", "바람", "편지", "노래", "시계"]
+MAX_NEW_TOKENS = 4
+GIN = f"""
+import t5k.models
+import t5k.decoding
+build_model.architecture = 'encoder_decoder'
+build_model.config = @TransformerConfig()
+TransformerConfig.d_model = 16
+TransformerConfig.num_heads = 2
+TransformerConfig.head_dim = 8
+TransformerConfig.d_ff = 32
+TransformerConfig.num_encoder_layers = 1
+TransformerConfig.num_decoder_layers = 1
+TransformerConfig.relative_attention_num_buckets = 8
+TransformerConfig.relative_attention_max_distance = 16
+TransformerConfig.dtype = 'float32'
+DecodeConfig.max_new_tokens = {MAX_NEW_TOKENS}
+train.mixture_or_task_name = '{TASK}'
+train.task_feature_lengths = {{'inputs': 16, 'targets': 8}}
+train.batch_size = 8
+train.train_steps = 2
+train.pack = False
+train.log_every = 1
+train.eval_every = 2
+train.eval_batches = 1
+train.eval_metric_examples = 6
+train.checkpoint_every = 2
+train.peak_flops_per_s = 1e9
+"""
+
+
+def exact_match(targets, predictions):
+    return {"exact_match": float(np.mean([t == p for t, p in zip(targets, predictions)]))}
+
+
+def prediction_chars(targets, predictions):
+    return {"prediction_chars": float(np.mean([len(p) for p in predictions]))}
+
+
+@pytest.fixture
+def copy_task():
+    gin.clear_config()  # nothing left over from another test in this process
+    features = {k: seqio.Feature(default_vocabulary(), add_eos=True) for k in ("inputs", "targets")}
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        return tf.data.Dataset.from_tensor_slices({"inputs": [f"복사: {w}" for w in WORDS], "targets": WORDS})
+
+    seqio.TaskRegistry.add(TASK, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+                           preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+                           output_features=features, metric_fns=[exact_match, prediction_chars])
+    yield
+    seqio.TaskRegistry.remove(TASK)
+    gin.clear_config()
+
+
+def test_task_metrics_are_logged_from_greedy_predictions(copy_task, tmp_path):
+    gin.parse_config(GIN)
+    last = train.train(str(tmp_path))
+    logged = [json.loads(line) for line in open(tmp_path / "train" / "metrics.jsonl")]
+    evaluation = [row for row in logged if f"eval_{TASK}/exact_match" in row]
+    assert [row["step"] for row in evaluation] == [2]
+    assert last[f"eval_{TASK}/prediction_chars"] == evaluation[0][f"eval_{TASK}/prediction_chars"]
+
+    # Independently: the uncached reference decode of the checkpointed parameters, scored by hand.
+    loaded = load_model(str(tmp_path))
+    vocab = default_vocabulary()
+    inputs = [list(vocab.encode(f"복사: {w}")) + [1] for w in WORDS[:6]]
+    tokens = np.zeros((len(inputs), 16), np.int32)
+    for i, ids in enumerate(inputs):
+        tokens[i, : len(ids)] = ids
+    params = jax.device_get(loaded.params)  # host copies: the reference runs unsharded
+    outputs = np.asarray(greedy_decode_uncached(loaded.model, params, tokens, MAX_NEW_TOKENS))
+    predictions = [vocab.decode(row.tolist()) for row in outputs]
+    assert evaluation[0][f"eval_{TASK}/prediction_chars"] == pytest.approx(np.mean([len(p) for p in predictions]))
+    assert evaluation[0][f"eval_{TASK}/exact_match"] == pytest.approx(
+        np.mean([p == w for p, w in zip(predictions, WORDS)]))
