@@ -22,8 +22,11 @@ than wall time does (PyTorch's OpenMP spin-waiting counts in it, so it flatters 
 tokens/s counts input + target tokens: batch * (inputs + targets) / step time. Model FLOPs are analytic matmul
 FLOPs (projections, attention scores and values, logits; backward = 2x forward), the same count for both
 frameworks; XLA's own `cost_analysis()` figure of the t5k grad step is printed alongside as a cross-check.
-The peak is the best float32 dense matmul rate of this machine, measured by this script in JAX and in PyTorch
-(the max of the two). The last line of output is one JSON object with every figure.
+The peak is the best dense matmul rate of this machine, measured by this script in JAX and in PyTorch (the max
+of the two), in float32 for the float32 cases and in bfloat16 with float32 accumulation for the bfloat16 cases
+(AVX512-BF16 CPUs run those at ~2x the float32 rate). "best t5k / best PyTorch" compares the fastest t5k case
+with the fastest PyTorch case of any dtype; the same-dtype ratios pair float32 with float32 and bf16 with bf16.
+The last line of output is one JSON object with every figure.
 """
 
 import argparse
@@ -95,17 +98,18 @@ def worker_peak(args):
     import numpy as np
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    if args.case == "peak_jax":
+    bf16 = args.case.endswith("bf16")
+    if args.case.startswith("peak_jax"):
         import jax
         import jax.numpy as jnp
 
-        x = jnp.asarray(a)
-        f = jax.jit(lambda x: x @ x)
+        x = jnp.asarray(a, jnp.bfloat16 if bf16 else jnp.float32)
+        f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
         times = _timed(lambda: f(x).block_until_ready(), 2, reps)
     else:
         import torch
 
-        x = torch.from_numpy(a)
+        x = torch.from_numpy(a).to(torch.bfloat16 if bf16 else torch.float32)
         times = _timed(lambda: torch.mm(x, x), 2, reps)
     out["flops_per_s"] = 2 * n**3 / min(times)
     out["n"] = n
@@ -259,7 +263,8 @@ def worker_torch(args):
     return out
 
 
-WORKERS = {"init": worker_init, "peak_jax": worker_peak, "peak_torch": worker_peak, "t5k_fp32": worker_t5k,
+WORKERS = {"init": worker_init, "peak_jax": worker_peak, "peak_torch": worker_peak, "peak_jax_bf16": worker_peak,
+           "peak_torch_bf16": worker_peak, "t5k_fp32": worker_t5k,
            "t5k_bf16": worker_t5k, "torch_default": worker_torch, "torch_ftz": worker_torch,
            "torch_ftz_bf16": worker_torch}
 
@@ -276,7 +281,7 @@ def run_worker(case, args, params_file):
     for kv in args.t5k_override:
         cmd += ["--t5k-override", kv]
     env = dict(os.environ)
-    if case.startswith("t5k") or case == "peak_jax":
+    if case.startswith("t5k") or case.startswith("peak_jax"):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAGS + " " + args.xla_flags).strip()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.perf_counter()
@@ -326,22 +331,25 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         params_file = os.path.join(tmp, "params.npz")
         info = run_worker("init", args, params_file)
-        peaks = {c: run_worker(c, args, params_file)["flops_per_s"] for c in ("peak_jax", "peak_torch")}
+        peaks = {c: run_worker(c, args, params_file)["flops_per_s"]
+                 for c in ("peak_jax", "peak_torch", "peak_jax_bf16", "peak_torch_bf16")}
         results = {c: run_worker(c, args, params_file) for c in cases}
     load_after = os.getloadavg()
 
     dims = model_dims(args)
     tokens = args.batch * (args.inputs + args.targets)
     flops = analytic_flops(dims, args.batch, args.inputs, args.targets)
-    peak = max(peaks.values())
+    peak = max(peaks["peak_jax"], peaks["peak_torch"])
+    peak_bf16 = max(peaks["peak_jax_bf16"], peaks["peak_torch_bf16"])
     summary = {}
     for case, r in results.items():
+        case_peak = peak_bf16 if case.endswith("bf16") else peak  # MFU against the matmul peak of its dtype
         for kind in ("grad", "train"):
             if f"{kind}_times" not in r:
                 continue
             t = statistics.median(r[f"{kind}_times"])
             summary[f"{case}/{kind}"] = dict(
-                step_s=round(t, 4), tokens_per_s=round(tokens / t, 1), mfu=round(flops / t / peak, 4),
+                step_s=round(t, 4), tokens_per_s=round(tokens / t, 1), mfu=round(flops / t / case_peak, 4),
                 min_s=round(min(r[f"{kind}_times"]), 4), max_s=round(max(r[f"{kind}_times"]), 4),
                 cpu_s=round(statistics.median(r[f"{kind}_cpu"]), 3),
                 loss=round(r["loss"], 5))
@@ -358,8 +366,9 @@ def main(argv=None):
           f"{args.targets} = {tokens} tokens/step; {info['num_params'] / 1e6:.1f}M params; "
           f"{flops / 1e9:.1f} GFLOP/step (analytic matmuls, fwd+bwd)")
     print(f"peak float32 matmul: jax {peaks['peak_jax'] / 1e9:.1f} GFLOP/s, torch {peaks['peak_torch'] / 1e9:.1f} "
-          f"GFLOP/s -> peak {peak / 1e9:.1f}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-          f"({os.cpu_count()} CPUs)")
+          f"GFLOP/s -> peak {peak / 1e9:.1f}; bfloat16 (f32 accumulation): jax {peaks['peak_jax_bf16'] / 1e9:.1f}, "
+          f"torch {peaks['peak_torch_bf16'] / 1e9:.1f} -> {peak_bf16 / 1e9:.1f}; load average {load_before[0]:.2f} "
+          f"before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
     for case, r in results.items():
         if "xla_flops" in r:
             print(f"{case}: XLA cost_analysis {r['xla_flops'] / 1e9:.1f} GFLOP/step, compile {r['compile_s']:.1f}s")
@@ -372,19 +381,34 @@ def main(argv=None):
         print(f"{case:<22}{kind:<7}{s['step_s']:>9.3f}{s['cpu_s']:>8.2f}{s['tokens_per_s']:>9.1f}{s['mfu'] * 100:>6.1f}%"
               f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}"
               f"{s['loss']:>10.4f}")
-    best_t5k = {kind: max((s["tokens_per_s"] for k, s in summary.items() if k.startswith("t5k") and k.endswith(kind)),
-                          default=None) for kind in ("grad", "train")}
+    def best(prefix, kind, dtype=None):
+        rates = [s["tokens_per_s"] for k, s in summary.items() if k.startswith(prefix) and k.endswith("/" + kind)
+                 and (dtype is None or k.split("/")[0].endswith("bf16") == (dtype == "bf16"))]
+        return max(rates, default=None)
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    kinds = ("grad", "train")
+    best_t5k = {kind: best("t5k", kind) for kind in kinds}
+    best_torch = {kind: best("torch", kind) for kind in kinds}
+    same_dtype = {f"{dtype}/{kind}": ratio(best("t5k", kind, dtype), best("torch", kind, dtype))
+                  for dtype in ("fp32", "bf16") for kind in kinds}
+    print("best t5k / best PyTorch configuration: " + ", ".join(f"{k} {ratio(best_t5k[k], best_torch[k])}" for k in kinds)
+          + "; same dtype: " + ", ".join(f"{k} {v}" for k, v in same_dtype.items()))
     record = dict(
         benchmark="model_step", quick=args.quick, batch=args.batch, inputs=args.inputs, targets=args.targets,
         tokens_per_step=tokens, steps=args.steps, warmup=args.warmup, num_params=info["num_params"],
         model_flops_per_step=flops, flops_method="analytic matmul FLOPs, 3x forward",
         xla_flops_per_step={c: r["xla_flops"] for c, r in results.items() if "xla_flops" in r},
-        peak_flops={"jax": peaks["peak_jax"], "torch": peaks["peak_torch"], "peak": peak},
+        peak_flops={"jax": peaks["peak_jax"], "torch": peaks["peak_torch"], "peak": peak,
+                    "jax_bf16": peaks["peak_jax_bf16"], "torch_bf16": peaks["peak_torch_bf16"], "peak_bf16": peak_bf16},
         load_avg_before=load_before[0], load_avg_after=load_after[0], cpus=os.cpu_count(),
         xla_flags=(XLA_FLAGS + " " + args.xla_flags).strip(), t5k_overrides=args.t5k_override,
         results=summary,
-        best_t5k_vs_torch_ftz={k: (round(best_t5k[k] / ref[k]["tokens_per_s"], 3) if best_t5k[k] and ref[k] else None)
-                               for k in ("grad", "train")},
+        best_t5k_vs_torch_ftz={k: ratio(best_t5k[k], ref[k] and ref[k]["tokens_per_s"]) for k in kinds},
+        best_t5k_vs_best_torch={k: ratio(best_t5k[k], best_torch[k]) for k in kinds},
+        t5k_vs_torch_same_dtype=same_dtype,
     )
     print(json.dumps(record))
 

@@ -72,15 +72,15 @@ class DecoderOnly(nn.Module):
                 mask = layers.prefix_lm_mask(decoder_causal_attention)
             if decoder_segment_ids is not None:
                 mask = mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
-            bias = layers.mask_to_bias(mask)
+            bias = (layers.mask_to_bias(mask),)  # [batch or 1, 1, length, length]
         if cfg.position_embedding == "relative" and not decode:
             # Causal buckets as in t5x, for the prefix LM too (its later-prefix offsets share bucket 0), so one
             # checkpoint serves both masks.
             arange = jnp.arange(length)
-            bias = bias + layers.RelativePositionBiases(
+            bias += (layers.RelativePositionBiases(
                 cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
                 bidirectional=False, name="relpos_bias",
-            )(arange, arange)
+            )(arange, arange),)  # [1, heads, length, length]
         x = apply_layer_stack(
             cfg, DecoderLayer, cfg.num_decoder_layers, x, bias, positions, None, None,
             deterministic=deterministic, cross_attention=False, decode=decode, decode_length=decode_length,
@@ -91,6 +91,7 @@ class DecoderOnly(nn.Module):
             logits = embedder.attend(x)
         else:
             logits = layers.DenseGeneral(
-                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.float32, name="logits_dense"
+                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype,
+                output_dtype=jnp.float32, name="logits_dense",
             )(x)
         return constrain(logits, "batch", "length", "vocab")  # [batch, length, vocab], float32

@@ -69,9 +69,9 @@ class Encoder(nn.Module):
         mask = layers.key_padding_mask(tokens)
         if segment_ids is not None:
             mask = mask & layers.segment_mask(segment_ids, segment_ids)
-        bias = layers.mask_to_bias(mask)  # [batch, 1, q or 1, k]
+        bias = (layers.mask_to_bias(mask),)  # [batch, 1, q or 1, k]
         if cfg.position_embedding == "relative":
-            bias = bias + _relative_bias(cfg, tokens.shape[1], bidirectional=True)
+            bias += (_relative_bias(cfg, tokens.shape[1], bidirectional=True),)  # [1, heads, q, k]
         if self.shared_layers is not None:
             x = _run_shared_layers(self.shared_layers, x, bias, positions, None, None, deterministic=deterministic)
         else:
@@ -111,9 +111,9 @@ class Decoder(nn.Module):
             if segment_ids is not None:
                 self_mask = self_mask & layers.segment_mask(segment_ids, segment_ids)
                 cross_mask = cross_mask & layers.segment_mask(segment_ids, encoder_segment_ids)
-            self_bias = layers.mask_to_bias(self_mask)
+            self_bias = (layers.mask_to_bias(self_mask),)  # [batch or 1, 1, q, q]
             if cfg.position_embedding == "relative":
-                self_bias = self_bias + _relative_bias(cfg, tokens.shape[1], bidirectional=False)
+                self_bias += (_relative_bias(cfg, tokens.shape[1], bidirectional=False),)  # [1, heads, q, q]
         cross_bias = layers.mask_to_bias(cross_mask)
         args = (self_bias, positions, encoded, cross_bias)
         if self.shared_layers is not None:
@@ -127,7 +127,8 @@ class Decoder(nn.Module):
             logits = self.token_embedder.attend(x) * cfg.d_model**-0.5
         else:
             logits = layers.DenseGeneral(
-                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.float32, name="logits_dense"
+                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype,
+                output_dtype=jnp.float32, name="logits_dense",
             )(x)
         return constrain(logits, "batch", "length", "vocab")  # [batch, dec_len, vocab], float32
 

@@ -8,7 +8,8 @@ Conventions
   logits in float32. Large activations are constrained with logical names (batch, length, embed, mlp, heads, kv)
   so that, under a mesh, XLA keeps the intended layout instead of guessing.
 - Attention masks are boolean `[batch, 1, q_len, k_len]` and become an additive float32 bias once, at the stack
-  level; every layer receives the bias.
+  level; every layer receives the bias, or a tuple of biases that attention adds inside its logits computation
+  (so a padding bias and a position bias never materialise as one `[batch, heads, q, k]` array).
 """
 
 import functools
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from t5k.models import kernels
 from t5k.models.config import TransformerConfig
 
 Array = jax.Array
@@ -70,8 +72,9 @@ class DenseGeneral(nn.Module):
     out_features: Tuple[int, ...]
     kernel_axes: Tuple[str, ...]
     use_bias: bool = False
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # compute dtype of the product
     kernel_init: Optional[Callable] = None
+    output_dtype: Optional[jnp.dtype] = None  # None: `dtype`; float32 for logits computed in bfloat16
 
     def setup(self):
         kernel_shape = tuple(self.in_features) + tuple(self.out_features)
@@ -89,11 +92,10 @@ class DenseGeneral(nn.Module):
         n_in = len(self.in_features)
         if x.shape[x.ndim - n_in:] != tuple(self.in_features):
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {x.shape}")
-        contract = tuple(range(x.ndim - n_in, x.ndim))
-        y = lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ())))
+        y = kernels.dense(x, self.kernel, n_in, self.dtype)  # float32
         if self.use_bias:
-            y = y + self.bias.astype(self.dtype)
-        return y
+            y = y + self.bias
+        return y.astype(self.output_dtype or self.dtype)
 
 
 def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
@@ -106,9 +108,10 @@ def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
     dtype = modules[0].dtype
     out_shapes = [tuple(m.out_features) for m in modules]
     kernel = jnp.concatenate([m.kernel.reshape(m.kernel.shape[0], -1) for m in modules], axis=1)  # [in, sum(out)]
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+    y = kernels.dense(x, kernel, 1, dtype)  # [..., sum(out)] float32
     if modules[0].use_bias:
-        y = y + jnp.concatenate([m.bias.reshape(-1) for m in modules]).astype(dtype)
+        y = y + jnp.concatenate([m.bias.reshape(-1) for m in modules])
+    y = y.astype(dtype)
     sizes = [int(np.prod(s)) for s in out_shapes]
     parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
     return tuple(p.reshape(p.shape[:-1] + s) for p, s in zip(parts, out_shapes))
@@ -174,8 +177,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [..., embed]
 
     def attend(self, x: Array) -> Array:
-        """`x @ embedding.T` in float32: `[..., embed] -> [..., num_embeddings]`."""
-        return jnp.einsum("...d,vd->...v", x.astype(jnp.float32), self.embedding)
+        """`x @ embedding.T`, products in `dtype`, float32 result: `[..., embed] -> [..., num_embeddings]`."""
+        return kernels.dense(x, self.embedding.T, 1, self.dtype)
 
 
 def relative_position_bucket(
@@ -324,7 +327,6 @@ class MultiHeadAttention(nn.Module):
             dtype=cfg.compute_dtype,
             name="out",
         )
-        self.dropout = nn.Dropout(rate=cfg.dropout_rate)
         if self.decode:
             if self.is_self_attention and self.decode_length is None:
                 raise ValueError(f"{self.name}: cached self-attention needs decode_length")
@@ -347,7 +349,7 @@ class MultiHeadAttention(nn.Module):
         self,
         inputs_q: Array,  # [batch, q_len, embed]
         inputs_kv: Array,  # [batch, k_len, embed]
-        bias: Array,  # [batch or 1, heads or 1, q_len, k_len], float32
+        bias,  # float32 [batch or 1, heads or 1, q_len, k_len], or a tuple of such (summed in the logits)
         deterministic: bool = True,
         query_positions: Optional[Array] = None,  # [batch, q_len], rotary only
         key_positions: Optional[Array] = None,  # [batch, k_len], rotary only
@@ -370,19 +372,13 @@ class MultiHeadAttention(nn.Module):
             key, value = self.kv_cache(lambda: (key, value), key_positions)
         if cfg.scale_attention_logits:
             query = query * jnp.asarray(cfg.head_dim**-0.5, query.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) + bias
-        # Softmax with the normalisation deferred past the value matmul: exp(logits - max) @ value, divided by
-        # the row sums on the [batch, q, heads, kv] output instead of on the q*k weights. Same function (dropout
-        # is elementwise, so it commutes with the row scaling); one full pass over [batch, heads, q, k] fewer
-        # each way, measured ~4% less CPU time per ct5_small train step (docs/performance.md).
-        row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        weights = jnp.exp(logits - row_max)  # [batch, heads, q, k], float32, unnormalised
-        row_sum = jnp.sum(weights, axis=-1)  # [batch, heads, q]
-        weights = self.dropout(weights, deterministic=deterministic)
-        out = jnp.einsum(
-            "bhqk,bkhd->bqhd", weights.astype(cfg.compute_dtype), value, preferred_element_type=jnp.float32
-        )
-        out = (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(cfg.compute_dtype)
+        biases = bias if isinstance(bias, tuple) else (bias,)
+        keep = None
+        if not deterministic and cfg.dropout_rate > 0.0:
+            keep_rate = 1.0 - cfg.dropout_rate
+            shape = (query.shape[0], cfg.num_heads, query.shape[1], key.shape[1])
+            keep = jax.random.bernoulli(self.make_rng("dropout"), keep_rate, shape).astype(jnp.float32) / keep_rate
+        out = kernels.dot_product_attention(query, key, value.astype(query.dtype), biases, keep)
         out = constrain(out, "batch", "length", "heads", "kv")
         return self.out(out)  # [batch, q_len, embed]
 

@@ -1,0 +1,97 @@
+"""Hand-written gradients in t5k.models.kernels against autodiff of straightforward reference code."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5k.models import EncoderDecoder, TransformerConfig, kernels
+
+
+def _reference_attention(query, key, value, biases, keep=None):
+    """Plain float32 softmax attention, differentiated by JAX."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    for bias in biases:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1)
+    if keep is not None:
+        weights = weights * keep
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def _attention_inputs(seed=0, batch=2, q_len=5, k_len=7, heads=3, head_dim=4):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, n, heads, head_dim)), jnp.float32) for n in (q_len, k_len, k_len))
+    padding = np.zeros((batch, 1, 1, k_len), np.float32)
+    padding[1, ..., -2:] = -1e10  # the second row's last two keys are padding
+    position = jnp.asarray(rng.standard_normal((1, heads, q_len, k_len)), jnp.float32)
+    keep = jnp.asarray(rng.binomial(1, 0.8, (batch, heads, q_len, k_len)) / 0.8, jnp.float32)
+    return q, k, v, (jnp.asarray(padding), position), keep
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_attention_values_and_gradients_match_autodiff(with_dropout):
+    q, k, v, biases, keep = _attention_inputs()
+    keep = keep if with_dropout else None
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, q, k, v, position):
+        return jnp.sum(fn(q, k, v, (biases[0], position), keep) * cotangent)
+
+    ours = jax.value_and_grad(lambda *a: loss(kernels.dot_product_attention, *a), argnums=(0, 1, 2, 3))
+    ref = jax.value_and_grad(lambda *a: loss(_reference_attention, *a), argnums=(0, 1, 2, 3))
+    (value, grads), (ref_value, ref_grads) = ours(q, k, v, biases[1]), ref(q, k, v, biases[1])
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("query", "key", "value", "position bias"), grads, ref_grads):
+        assert g.shape == r.shape, name
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_bfloat16_attention_stays_close_to_float32():
+    q, k, v, biases, _ = _attention_inputs(seed=2)
+    out = kernels.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), biases)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), _reference_attention(q, k, v, biases), atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_match_autodiff(dtype):
+    """x [2, 3, 4, 5] · kernel [4, 5, 6]: float32 equals autodiff exactly; bfloat16 within its rounding, and the
+    kernel gradient is float32 (never rounded to bfloat16)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 5, 6)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
+
+    def loss(x, kernel):
+        return jnp.sum(kernels.dense(x, kernel, 2, dtype) * cotangent)
+
+    def ref_loss(x, kernel):
+        return jnp.sum(jnp.einsum("abij,ijo->abo", x, kernel) * cotangent)
+
+    grads, ref_grads = jax.grad(loss, (0, 1))(x, kernel), jax.grad(ref_loss, (0, 1))(x, kernel)
+    tol = dict(rtol=1e-6, atol=1e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=1e-1)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, r, **tol)
+
+
+def test_every_matmul_of_a_bfloat16_train_step_is_bf16_by_bf16_to_f32():
+    """The design property of kernels.py: forward and backward products all take the bfloat16 fast path."""
+    config = TransformerConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+                               num_decoder_layers=1, dtype="bfloat16")
+    model = EncoderDecoder(config)
+    enc, dec = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 4), jnp.int32)
+    params = jax.eval_shape(lambda r: nn.unbox(model.init(r, enc, dec)["params"]), jax.random.PRNGKey(0))
+
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, enc, dec))
+
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    signatures = re.findall(r"stablehlo\.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", text)
+    assert len(signatures) >= 3 * 10  # every projection, attention product and the logits, forward and backward
+    for lhs, rhs, out in signatures:
+        assert ("bf16" in lhs, "bf16" in rhs, "f32" in out) == (True, True, True), (lhs, rhs, out)
