@@ -8,7 +8,8 @@ Cases (each in its own subprocess, so thread pools and denormal modes never leak
 
   t5k_fp32 / t5k_bf16   EncoderDecoder from gin/models/ct5_small.gin with dtype float32 / bfloat16
   torch_default         transformers T5ForConditionalGeneration, float32, default CPU settings
-  torch_ftz             the same with torch.set_flush_denormal(True) -- PyTorch's best configuration here
+  torch_ftz             the same with torch.set_flush_denormal(True) -- PyTorch's best float32 configuration
+  torch_ftz_bf16        torch_ftz with the model in bfloat16 (`model.to(torch.bfloat16)`), the dtype peer of t5k_bf16
 
 Both frameworks run the same weights (t5k's initialisation exported by `t5k.convert.t5_params_to_hf`) on the
 same random 512-token inputs (no padding). Every case generates exactly `--new` tokens per row (min_new_tokens =
@@ -32,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ALL_CASES = ("t5k_fp32", "t5k_bf16", "torch_default", "torch_ftz")
-DEFAULT_CASES = ("t5k_fp32", "torch_default", "torch_ftz")
+ALL_CASES = ("t5k_fp32", "t5k_bf16", "torch_default", "torch_ftz", "torch_ftz_bf16")
+DEFAULT_CASES = ALL_CASES
 METHODS = ("greedy", "top_p")
 TOP_P = 0.9
 RESULT_TAG = "RESULT "
@@ -145,7 +146,7 @@ def worker_torch(args):
     from t5k import convert
 
     transformers.logging.set_verbosity_error()
-    if args.case == "torch_ftz":
+    if args.case.startswith("torch_ftz"):
         torch.set_flush_denormal(True)  # before any op, so every intra-op thread inherits the mode
     torch.set_grad_enabled(False)
     config = t5k_config(args, "float32")
@@ -158,9 +159,12 @@ def worker_torch(args):
     sd = convert.t5_params_to_hf(_load_params(args.params_file), config)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     model.eval()
+    if args.case.endswith("bf16"):
+        model = model.to(torch.bfloat16)
     enc = torch.from_numpy(_inputs(args, config.vocab_size)).long()
     mask = torch.ones_like(enc)
-    out = {"threads": torch.get_num_threads(), "flush_denormal": args.case == "torch_ftz"}
+    out = {"threads": torch.get_num_threads(), "flush_denormal": args.case.startswith("torch_ftz"),
+           "dtype": "bfloat16" if args.case.endswith("bf16") else "float32"}
     for method in METHODS:
         kwargs = dict(do_sample=False) if method == "greedy" else dict(do_sample=True, top_p=TOP_P, top_k=0)
 
@@ -177,7 +181,7 @@ def worker_torch(args):
 
 
 WORKERS = {"init": worker_init, "t5k_fp32": worker_t5k, "t5k_bf16": worker_t5k, "torch_default": worker_torch,
-           "torch_ftz": worker_torch}
+           "torch_ftz": worker_torch, "torch_ftz_bf16": worker_torch}
 
 
 def run_worker(case, args, params_file):
@@ -240,7 +244,7 @@ def main(argv=None):
             if f"{ref}/{method}" in summary:
                 s[f"vs_{ref}"] = round(s["tokens_per_s"] / summary[f"{ref}/{method}"]["tokens_per_s"], 3)
     # Same weights and inputs: greedy outputs should agree (float32 rounding may flip a near-tie late on).
-    greedy = {c: r["greedy_tokens"] for c, r in results.items() if c != "t5k_bf16"}
+    greedy = {c: r["greedy_tokens"] for c, r in results.items() if not c.endswith("bf16")}
     agree = None
     if len(greedy) > 1:
         first, *rest = greedy.values()
@@ -258,15 +262,24 @@ def main(argv=None):
               f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}")
     if agree is not None:
         print(f"greedy tokens equal across float32 cases: {agree:.1%}")
-    best = {m: max((s["tokens_per_s"] for k, s in summary.items() if k.startswith("t5k") and k.endswith(m)),
-                   default=None) for m in METHODS}
-    ratio = {m: (round(best[m] / summary[f"torch_ftz/{m}"]["tokens_per_s"], 3)
-                 if best[m] and f"torch_ftz/{m}" in summary else None) for m in METHODS}
+    def best(prefix, method, dtype=None):
+        rates = [s["tokens_per_s"] for k, s in summary.items() if k.startswith(prefix) and k.endswith("/" + method)
+                 and (dtype is None or k.split("/")[0].endswith("bf16") == (dtype == "bf16"))]
+        return max(rates, default=None)
+
+    def quotient(a, b):
+        return round(a / b, 3) if a and b else None
+
+    ratio = {m: quotient(best("t5k", m), summary.get(f"torch_ftz/{m}", {}).get("tokens_per_s")) for m in METHODS}
+    best_vs_best = {m: quotient(best("t5k", m), best("torch", m)) for m in METHODS}
+    same_dtype = {f"{d}/{m}": quotient(best("t5k", m, d), best("torch", m, d)) for d in ("fp32", "bf16") for m in METHODS}
+    print("best t5k / best PyTorch: " + ", ".join(f"{m} {v}" for m, v in best_vs_best.items())
+          + "; same dtype: " + ", ".join(f"{k} {v}" for k, v in same_dtype.items()))
     record = dict(
         benchmark="decode", quick=args.quick, batch=args.batch, inputs=args.inputs, new_tokens=args.new,
         runs=args.runs, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
         load_avg_after=load_after[0], cpus=os.cpu_count(), results=summary, greedy_token_agreement=agree,
-        best_t5k_vs_torch_ftz=ratio,
+        best_t5k_vs_torch_ftz=ratio, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
     )
     print(json.dumps(record))
 

@@ -114,6 +114,20 @@ def test_cached_greedy_equals_uncached_encoder_decoder(scan):
     assert len({tuple(r) for r in ref}) == 3 and (ref == 0).any()
 
 
+def test_bfloat16_decoding_casts_weights_once_and_keeps_the_outputs():
+    """With a bfloat16 compute dtype, generate() casts kernels/embeddings to bfloat16 before its loop (half the
+    bytes per step); the layers cast them anyway, so greedy outputs equal uncached bf16 decoding."""
+    _, params = _encoder_decoder(False)
+    model = EncoderDecoder(TransformerConfig(**dict(TINY, dtype="bfloat16")))
+    cast = decoding._params_in_compute_dtype(model, params)
+    assert cast["decoder"]["layers_0"]["mlp"]["wo"]["kernel"].dtype == jnp.bfloat16
+    assert cast["token_embedder"]["embedding"].dtype == jnp.bfloat16
+    assert cast["decoder"]["final_norm"]["scale"].dtype == jnp.float32
+    enc = _encoder_batch()
+    ref = np.asarray(decoding.greedy_decode_uncached(model, params, jnp.asarray(enc), N, eos_id=-1))
+    np.testing.assert_array_equal(_greedy(model, params, {"encoder_input_tokens": enc}, stop_token_ids=()), ref)
+
+
 def test_cached_greedy_equals_uncached_decoder_only_padded():
     model, params = _decoder_only()
     prompt, lengths = _prompts()
