@@ -333,3 +333,24 @@ def test_gpt2_greedy_and_beam_equal_transformers_generate():
             ref = _hf_generate(hf, input_ids=torch.from_numpy(p[None, :n]).long(), **hf_kwargs)[0, n:]
             np.testing.assert_array_equal(got[row, : len(ref)], ref, err_msg=f"{hf_kwargs} row {row}")
             assert (got[row, len(ref):] == 0).all()
+
+
+def test_nucleus_threshold_equals_the_sort_and_cumsum_definition():
+    """The sort-free bisection keeps exactly the ids that sorting + cumulative sums keep (ties, peaky and flat
+    rows, masked ids with probability 0)."""
+    from t5k import logits_processing
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 300)) * rng.choice([0.1, 1.0, 5.0, 20.0], (64, 1))
+    logits[:8, :40] = 3.0  # exact ties at the top
+    logits[8:16, 100:] = logits_processing.NEG_INF  # top-k-masked ids
+    probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        p = np.asarray(probs, np.float64)
+        order = np.argsort(-p, axis=-1, kind="stable")
+        descending = np.take_along_axis(p, order, axis=-1)
+        mass_before = np.cumsum(descending, axis=-1) - descending
+        num_kept = (mass_before < top_p).sum(-1, keepdims=True)
+        expected = p >= np.take_along_axis(descending, num_kept - 1, axis=-1)
+        kept = np.asarray(probs >= logits_processing.nucleus_threshold(probs, top_p))
+        np.testing.assert_array_equal(kept, expected, err_msg=f"top_p={top_p}")
