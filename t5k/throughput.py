@@ -9,8 +9,8 @@ MFU = model FLOPs per step / step time / peak FLOP/s.
   so it undercounts scanned layers and microbatches, and it depends on the backend's fusion decisions. Padding
   counts as tokens: the step computes on it.
 - The peak is a gin parameter (`train.peak_flops_per_s`, the accelerator's datasheet figure on GPU/TPU); left
-  unset it is measured on the local device by a dense float32 matmul probe (`measure_matmul_peak`), which is
-  the honest denominator on a CPU.
+  unset it is measured on the local device by a dense matmul probe in the model's compute dtype with float32
+  accumulation (`measure_matmul_peak`; how every t5k matmul runs), the honest denominator on a CPU.
 """
 
 import time
@@ -40,7 +40,7 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5, d
     """
     device = device or jax.devices()[0]
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype), device)
-    matmul = jax.jit(lambda a: a @ a)
+    matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))  # as t5k's kernels run
     matmul(x).block_until_ready()  # compile
     best = float("inf")
     for _ in range(repeats):

@@ -97,7 +97,8 @@ def train(
         # The first window of a process includes the train step's compilation (its first call).
         meter = throughput.ThroughputMeter(
             throughput.step_flops(model, {k: (batch_size,) + v.shape[1:] for k, v in first.items()}),
-            peak_flops_per_s or throughput.measure_matmul_peak(), num_devices=mesh.devices.size)
+            peak_flops_per_s or throughput.measure_matmul_peak(dtype=model.config.compute_dtype),
+            num_devices=mesh.devices.size)
         batch = first
         progress = tqdm(range(start, train_steps), initial=start, total=train_steps, desc="train",
                         disable=not sys.stderr.isatty())
