@@ -71,53 +71,31 @@ def _time_calls(call, runs):
     return walls, cpus
 
 
-def _save_params(params, path):
-    import numpy as np
-
-    from t5k import convert
-
-    np.savez(path, **{"/".join(k): np.asarray(v) for k, v in convert._flatten(params).items()})
-
-
-def _load_params(path):
-    import numpy as np
-
-    tree = {}
-    with np.load(path) as z:
-        for key in z.files:
-            *parents, leaf = key.split("/")
-            node = tree
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = z[key]
-    return tree
-
-
 def worker_init(args):
     """Initialises t5k params once and saves them for every other worker."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from t5k import convert
     from t5k.models import EncoderDecoder
 
     config = t5k_config(args, "float32")
     dummy = jnp.ones((1, 8), jnp.int32)
     params = jax.jit(lambda r: nn.unbox(EncoderDecoder(config).init(r, dummy, dummy)["params"]))(jax.random.PRNGKey(0))
-    _save_params(params, args.params_file)
-    return {"num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params)))}
+    return {"num_params": convert.save_params_npz(params, args.params_file)}
 
 
 def worker_t5k(args):
     import jax
     import numpy as np
 
-    from t5k import decoding
+    from t5k import convert, decoding
     from t5k.models import EncoderDecoder
 
     config = t5k_config(args, "bfloat16" if args.case == "t5k_bf16" else "float32")
     model = EncoderDecoder(config)
-    params = jax.device_put(_load_params(args.params_file))
+    params = jax.device_put(convert.load_params_npz(args.params_file))
     batch = {"encoder_input_tokens": _inputs(args, config.vocab_size)}
     seeds = np.arange(args.batch, dtype=np.uint32)
     out = {"dtype": config.dtype, "scan_layers": config.scan_layers}
@@ -156,7 +134,7 @@ def worker_torch(args):
     # transformers 5 ties lm_head to shared in a fresh model; T5.1.1's head is a parameter of its own.
     model.lm_head.weight = torch.nn.Parameter(torch.empty(config.vocab_size, config.d_model))
     model.config.tie_word_embeddings = False
-    sd = convert.t5_params_to_hf(_load_params(args.params_file), config)
+    sd = convert.t5_params_to_hf(convert.load_params_npz(args.params_file), config)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     model.eval()
     if args.case.endswith("bf16"):

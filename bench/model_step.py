@@ -130,7 +130,6 @@ def worker_init(args):
     """Initialises t5k params once and saves them (flat '/'-joined keys) for every other worker."""
     import flax.linen as nn
     import jax
-    import numpy as np
 
     from t5k import convert
     from t5k.models import EncoderDecoder, TransformerConfig
@@ -139,23 +138,7 @@ def worker_init(args):
     enc, dec, _ = _data(args, config.vocab_size)
     params = jax.jit(lambda r: nn.unbox(EncoderDecoder(config).init(r, enc[:1], dec[:1])["params"]))(
         jax.random.PRNGKey(0))
-    flat = {"/".join(k): np.asarray(v) for k, v in convert._flatten(params).items()}
-    np.savez(args.params_file, **flat)
-    return {"num_params": int(sum(v.size for v in flat.values()))}
-
-
-def _load_params(path):
-    import numpy as np
-
-    tree = {}
-    with np.load(path) as z:
-        for key in z.files:
-            node = tree
-            *parents, leaf = key.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = z[key]
-    return tree
+    return {"num_params": convert.save_params_npz(params, args.params_file)}
 
 
 def worker_t5k(args):
@@ -163,6 +146,7 @@ def worker_t5k(args):
     import jax.numpy as jnp
     import optax
 
+    from t5k import convert
     from t5k.models import EncoderDecoder, TransformerConfig
 
     overrides = dict(kv.split("=", 1) for kv in args.t5k_override)
@@ -172,7 +156,7 @@ def worker_t5k(args):
     config = TransformerConfig(**model_dims(args), dtype=dtype, **overrides)
     model = EncoderDecoder(config)
     enc, dec, tgt = (jnp.asarray(x) for x in _data(args, config.vocab_size))
-    params = jax.tree_util.tree_map(jnp.asarray, _load_params(args.params_file))
+    params = jax.tree_util.tree_map(jnp.asarray, convert.load_params_npz(args.params_file))
 
     def loss_fn(p):
         logits = model.apply({"params": p}, enc, dec)
@@ -226,7 +210,7 @@ def worker_torch(args):
     # transformers 5 ties lm_head to shared in a fresh model; T5.1.1's head is a parameter of its own.
     model.lm_head.weight = torch.nn.Parameter(torch.empty(config.vocab_size, config.d_model))
     model.config.tie_word_embeddings = False
-    sd = convert.t5_params_to_hf(_load_params(args.params_file), config)
+    sd = convert.t5_params_to_hf(convert.load_params_npz(args.params_file), config)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
     assert not model.config.scale_decoder_outputs

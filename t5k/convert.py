@@ -260,6 +260,27 @@ def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
     return out
 
 
+def save_params_npz(params: Mapping[str, Any], path: str) -> int:
+    """Writes a param tree as one `.npz` with '/'-joined keys (a framework-neutral hand-off, e.g. between the
+    processes of a benchmark); returns the number of parameters."""
+    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
+    np.savez(path, **flat)
+    return int(sum(v.size for v in flat.values()))
+
+
+def load_params_npz(path: str) -> Dict[str, Any]:
+    """The nested numpy param tree written by `save_params_npz`."""
+    tree: Dict[str, Any] = {}
+    with np.load(path) as archive:
+        for key in archive.files:
+            *parents, leaf = key.split("/")
+            node = tree
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = archive[key]
+    return tree
+
+
 def _stack(params: Dict[str, Any]) -> Dict[str, Any]:
     """Unrolled -> scanned layout, as numpy (the layout of `stack_layer_params`)."""
     return jax.tree_util.tree_map(np.asarray, stack_layer_params(params))

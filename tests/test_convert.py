@@ -284,3 +284,14 @@ def test_gpt2_bad_state_dicts_raise_clear_errors():
         convert.gpt2_params_from_hf(missing, config)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         convert.gpt2_config_from_hf(dict(hf.config.to_dict(), scale_attn_by_inverse_layer_idx=True))
+
+
+def test_npz_params_round_trip_exactly(tmp_path):
+    params = {"encoder": {"layers_0": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+              "relpos": {"rel_embedding": np.full((2, 4), -1.5, np.float32)}}
+    path = str(tmp_path / "params.npz")
+    assert convert.save_params_npz(params, path) == 14
+    loaded = convert.load_params_npz(path)
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
