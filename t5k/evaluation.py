@@ -283,14 +283,10 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     gin_utils.add_gin_arguments(parser)
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint directory of `t5k train` (model_dir, its checkpoints/ or a step); "
-                             "omitted: random parameters (smoke tests only, labelled random-init)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    model_loading.add_checkpoint_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated seqio task names")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--output_dir", required=True, help="where results.json, results.md, predictions/ go")
-    parser.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
 
 
 def run(args: argparse.Namespace, bindings=()) -> int:

@@ -267,13 +267,9 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     gin_utils.add_gin_arguments(parser)
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint directory of `t5k train` (model_dir, its checkpoints/ or a step); "
-                             "omitted: random parameters (smoke tests only)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    model_loading.add_checkpoint_arguments(parser)
     parser.add_argument("--input", required=True, help="JSONL prompts, one per line")
     parser.add_argument("--output", required=True, help="JSONL results, one per input line (resumed if present)")
-    parser.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
 
 
 def run(args: argparse.Namespace, bindings=()) -> int:

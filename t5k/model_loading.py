@@ -6,6 +6,7 @@ no conversion step. Without a checkpoint the parameters are freshly initialised,
 smoke tests: every caller labels such results (`LoadedModel.source == "random-init"`).
 """
 
+import argparse
 import dataclasses
 import os
 from typing import Any, Optional
@@ -32,6 +33,15 @@ class LoadedModel:
     @property
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.model, EncoderDecoder)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that serves a checkpoint takes (`t5k eval`, `t5k infer`)."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory of `t5k train` (model_dir, its checkpoints/ or a step); "
+                             "omitted: random parameters (smoke tests only, labelled random-init)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
 
 
 def current_mesh(num_devices: Optional[int] = None):
