@@ -9,7 +9,8 @@ Variants (the tokenizer ablation; docs/vocab.md has the measurements):
 Id layout (all variants): 0 <pad>, 1 </s>, 2 <unk>, then the learned pieces, then `extra_ids` sentinels at the
 top of the id space in T5 order (`<extra_id_0>` = vocab_size - 1). A vocabulary is a directory holding the model
 (`tokenizer.json` or `spm.model`) and `meta.json` (variant, sizes, analyser and library versions, training
-inputs and command).
+inputs and command); the morpheme variants also hold `lexicon.tsv.gz`, the morpheme cuts of the training text's
+frequent letter runs (t5k.morph lexicon), so that a fresh process does not have to analyse them again.
 """
 
 import argparse
@@ -38,6 +39,10 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_EXTRA_IDS = 100
 # sentencepiece trains on a random sample of at most this many lines (34 MB / 275k lines train in ~6 min on 2 cores)
 DEFAULT_SPM_SENTENCES = 2_000_000
+MORPH_VARIANTS = ("morph_bbpe", "char_bpe")
+LEXICON_FILE = "lexicon.tsv.gz"
+# Runs seen at least this often in the training text go into the lexicon (docs/vocab.md "Lexicon": size vs hit rate)
+DEFAULT_LEXICON_MIN_COUNT = 2
 DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "vocab" / "morph_bbpe_51200"
 FORMAT = "t5k-vocab/1"
 _SENTINEL_RE = re.compile(r"<extra_id_(0|[1-9][0-9]{0,5})>")
@@ -99,14 +104,18 @@ class BPEVocabulary(seqio.Vocabulary):
     drives `_decode_tf` in pure TensorFlow, so decoding in tf.data needs no Python.
     """
 
-    def __init__(self, path: Union[str, Path], extra_ids: Optional[int] = None):
+    def __init__(self, path: Union[str, Path], extra_ids: Optional[int] = None, use_lexicon: bool = True):
+        """`use_lexicon=False` ignores the artifact's lexicon (same ids, every run analysed live: for benchmarks)."""
         self.path = str(Path(path).resolve())
         self.meta = read_meta(path)
         if self.meta["variant"] == "sentencepiece":
             raise VocabularyError(f"{path}: a sentencepiece vocabulary; load it with get_vocabulary()")
         super().__init__(self.meta["extra_ids"] if extra_ids is None else extra_ids)
+        self.use_lexicon = use_lexicon
         self._byte_level = self.meta["variant"] != "char_bpe"
-        self._splitter = morph.MorphSplitter() if self.meta["variant"] != "bbpe" else None
+        lexicon = self.meta.get("lexicon")
+        lexicon_path = os.path.join(self.path, lexicon["file"]) if lexicon and use_lexicon else None
+        self._splitter = morph.MorphSplitter(lexicon_path) if self.meta["variant"] != "bbpe" else None
         self._ids_cache = {}  # stage-1 piece -> tuple of ids (see encode_batch)
 
     @functools.cached_property
@@ -276,16 +285,19 @@ class BPEVocabulary(seqio.Vocabulary):
         return tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
 
     def __eq__(self, other):
-        return isinstance(other, BPEVocabulary) and (self.path, self.extra_ids) == (other.path, other.extra_ids)
+        return isinstance(other, BPEVocabulary) and self._key() == other._key()
 
     def __hash__(self):
-        return hash((self.path, self.extra_ids))
+        return hash(self._key())
+
+    def _key(self):
+        return self.path, self.extra_ids, self.use_lexicon
 
     def __getstate__(self):
-        return {"path": self.path, "extra_ids": self.extra_ids}
+        return {"path": self.path, "extra_ids": self.extra_ids, "use_lexicon": self.use_lexicon}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["extra_ids"])
+        self.__init__(state["path"], state["extra_ids"], state.get("use_lexicon", True))
 
     def __str__(self):
         return f"BPEVocabulary(variant={self.variant}, path={self.path}, vocab_size={self.vocab_size})"
@@ -357,6 +369,7 @@ def _batches(lines: Iterable[str], size: int = 2048) -> Iterator[List[str]]:
 
 
 def _train_bpe(lines: Iterable[str], variant: str, base_size: int, min_frequency: int, progress: bool):
+    """(tokenizer spec, base pieces, the splitter that cut the text: its cache holds the training text's cuts)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     byte_level = variant != "char_bpe"
@@ -383,7 +396,7 @@ def _train_bpe(lines: Iterable[str], variant: str, base_size: int, min_frequency
     merged = {a + b for a, b in (m if isinstance(m, list) else m.split(" ") for m in spec["model"]["merges"])}
     if merged & set(SPECIALS) or [spec["model"]["vocab"].get(s) for s in SPECIALS] != [0, 1, 2]:
         raise VocabularyError("special tokens collided with learned pieces")
-    return json.dumps(spec, ensure_ascii=False), len(spec["model"]["vocab"])
+    return json.dumps(spec, ensure_ascii=False), len(spec["model"]["vocab"]), splitter
 
 
 def _train_sentencepiece(lines: Iterable[str], base_size: int, tmp: str, max_sentences: int,
@@ -423,17 +436,20 @@ def _publish(tmp: str, out: Path) -> None:
 def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out: Union[str, Path],
           extra_ids: int = DEFAULT_EXTRA_IDS, min_frequency: int = 2, progress: bool = False,
           command: Optional[str] = None, spm_sentences: int = DEFAULT_SPM_SENTENCES,
-          threads: Optional[int] = None) -> Path:
+          threads: Optional[int] = None, lexicon_min_count: int = DEFAULT_LEXICON_MIN_COUNT) -> Path:
     """Train a vocabulary of `vocab_size` ids in all (`extra_ids` of them sentinels) and write it to `out`.
 
     `spm_sentences` and `threads` apply to the sentencepiece variant only (at most that many lines sampled at
-    random; EM threads, default all cores). BPE variants always read every line.
+    random; EM threads, default all cores). BPE variants always read every line. The morpheme variants also
+    save the lexicon of the runs seen at least `lexicon_min_count` times (0: no lexicon).
     """
     if variant not in VARIANTS:
         raise VocabularyError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     base_size = vocab_size - extra_ids
     if base_size <= len(SPECIALS) + 256:
         raise VocabularyError(f"vocab_size {vocab_size} leaves no room for pieces after {extra_ids} extra_ids")
+    if lexicon_min_count < 0:
+        raise VocabularyError(f"lexicon_min_count must be 0 (no lexicon) or more, got {lexicon_min_count}")
     if 0 < spm_sentences <= 100 or spm_sentences < 0:  # sentencepiece's own lower bound on a sample
         raise VocabularyError(f"spm_sentences must be 0 (every line) or more than 100, got {spm_sentences}")
     threads = threads or os.cpu_count() or 1
@@ -451,7 +467,7 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
         if variant == "sentencepiece":
             got = _train_sentencepiece(lines, base_size, tmp, spm_sentences, threads)
         else:
-            spec, got = _train_bpe(lines, variant, base_size, min_frequency, progress)
+            spec, got, splitter = _train_bpe(lines, variant, base_size, min_frequency, progress)
             Path(tmp, "tokenizer.json").write_text(spec, encoding="utf-8")
         if got != base_size:
             raise VocabularyError(f"the input supports only {got} base pieces at min_frequency={min_frequency}, "
@@ -470,15 +486,57 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
                             if variant == "sentencepiece" else {}),
                          "command": command},
         }
-        Path(tmp, "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if variant in MORPH_VARIANTS and lexicon_min_count:
+            meta["lexicon"] = _write_lexicon(Path(tmp), inputs, lexicon_min_count, splitter, progress, command)
+        _write_meta(Path(tmp), meta)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _write_meta(directory: Path, meta: dict) -> None:
+    """meta.json written to a temp file and renamed into place."""
+    tmp = directory / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / "meta.json")
+
+
+def _write_lexicon(directory: Path, inputs: Sequence[Union[str, Path]], min_count: int,
+                   splitter: Optional[morph.MorphSplitter], progress: bool, command: Optional[str]) -> dict:
+    """Count the letter runs of `inputs`, analyse those seen >= `min_count` times, save them as the directory's
+    lexicon; returns its meta.json entry."""
+    start = time.time()
+    counts = morph.count_runs(read_lines(inputs, progress))
+    entries = morph.build_lexicon(counts, min_count, splitter, progress)
+    morph.write_lexicon(directory / LEXICON_FILE, entries)
+    return {"file": LEXICON_FILE, "runs": len(entries), "min_count": min_count,
+            "analyser": morph.analyser_version(), "bytes": (directory / LEXICON_FILE).stat().st_size,
+            "inputs": [{"name": Path(f).name, "bytes": os.path.getsize(f)} for f in inputs],
+            "distinct_runs_in_inputs": len(counts), "seconds": round(time.time() - start, 1), "command": command}
+
+
+def add_lexicon(path: Union[str, Path], inputs: Sequence[Union[str, Path]],
+                min_count: int = DEFAULT_LEXICON_MIN_COUNT, progress: bool = False,
+                command: Optional[str] = None) -> Path:
+    """Add (or replace) the lexicon of an existing morph_bbpe / char_bpe artifact, computed from `inputs` (use the
+    vocabulary's own training text); the tokenizer is not touched. Every run is analysed live."""
+    path = Path(path).resolve()
+    meta = read_meta(path)
+    if meta["variant"] not in MORPH_VARIANTS:
+        raise VocabularyError(f"{path}: a {meta['variant']} vocabulary has no morpheme cuts, so no lexicon")
+    if min_count < 1:
+        raise VocabularyError(f"min_count must be at least 1, got {min_count}")
+    for f in inputs:
+        if not os.path.isfile(f):
+            raise VocabularyError(f"{f}: no such file")
+    meta["lexicon"] = _write_lexicon(path, inputs, min_count, None, progress, command)
+    _write_meta(path, meta)
+    return path / LEXICON_FILE
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# CLI: t5k vocab train | encode | decode
+# CLI: t5k vocab train | lexicon | encode | decode
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     tr = sub.add_parser("train", help="train a vocabulary on text files (one document or sentence per line)")
@@ -490,7 +548,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--spm_sentences", type=int, default=DEFAULT_SPM_SENTENCES,
                     help="sentencepiece: train on a random sample of at most N lines (0 = all)")
     tr.add_argument("--threads", type=int, default=None, help="sentencepiece: EM threads (default: all cores)")
+    tr.add_argument("--lexicon_min_count", type=int, default=DEFAULT_LEXICON_MIN_COUNT,
+                    help="morph_bbpe/char_bpe: save the cuts of letter runs seen at least N times (0 = no lexicon)")
     tr.add_argument("--out", required=True, help="output directory (written atomically)")
+    lx = sub.add_parser("lexicon", help="add or replace the lexicon (saved morpheme cuts) of a morph_bbpe/char_bpe "
+                                        "vocabulary, from its training text; the tokenizer is not touched")
+    lx.add_argument("--vocab", required=True, help="vocabulary directory")
+    lx.add_argument("--input", nargs="+", required=True, help="the vocabulary's training text files, plain or .gz")
+    lx.add_argument("--min_count", type=int, default=DEFAULT_LEXICON_MIN_COUNT,
+                    help="keep letter runs seen at least N times")
     for name, what in (("encode", "text lines on stdin -> space-separated ids"),
                        ("decode", "space-separated ids on stdin -> text lines")):
         p = sub.add_parser(name, help=what)
@@ -532,18 +598,21 @@ def _decode_cli(vocab: seqio.Vocabulary) -> None:
 
 def run(args: argparse.Namespace, bindings: Sequence[str] = ()) -> int:
     """Entry point of `t5k vocab`; gin `bindings` are not used (the vocabulary is chosen by --vocab)."""
+    command = "t5k vocab " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["vocab"] else None
     try:
         if args.action == "train":
-            command = "t5k vocab " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["vocab"] else None
             out = train(args.input, args.vocab_size, args.variant, args.out, args.extra_ids,
                         args.min_frequency, progress=True, command=command,
-                        spm_sentences=args.spm_sentences, threads=args.threads)
+                        spm_sentences=args.spm_sentences, threads=args.threads,
+                        lexicon_min_count=args.lexicon_min_count)
             print(f"wrote {out}")
+        elif args.action == "lexicon":
+            print(f"wrote {add_lexicon(args.vocab, args.input, args.min_count, progress=True, command=command)}")
         elif args.action == "encode":
             _encode_cli(_load_cli_vocab(args.vocab), args.pieces)
         else:
             _decode_cli(_load_cli_vocab(args.vocab))
-    except VocabularyError as e:
+    except (VocabularyError, morph.LexiconError) as e:
         print(f"t5k vocab: error: {e}", file=sys.stderr)
         return 2
     return 0
