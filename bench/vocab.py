@@ -74,11 +74,23 @@ def export(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _load(path):
+def _load(path, use_lexicon=True):
+    """The vocabulary at `path` ("shipped": the default one); `use_lexicon=False` ignores its saved lexicon."""
     from t5k import vocab
 
-    return vocab.default_vocabulary() if path == "shipped" else vocab.get_vocabulary(
-        vocab.read_meta(path)["variant"], path, None)
+    if path == "shipped":
+        return vocab.default_vocabulary() if use_lexicon else vocab.BPEVocabulary(
+            vocab.DEFAULT_DIR, vocab.DEFAULT_EXTRA_IDS, use_lexicon=False)
+    meta = vocab.read_meta(path)
+    if not use_lexicon and meta["variant"] in vocab.MORPH_VARIANTS:
+        return vocab.BPEVocabulary(path, None, use_lexicon=False)
+    return vocab.get_vocabulary(meta["variant"], path, None)
+
+
+def _has_lexicon(path):
+    from t5k import vocab
+
+    return "lexicon" in vocab.read_meta(vocab.DEFAULT_DIR if path == "shipped" else path)
 
 
 def _name(v):
@@ -118,19 +130,26 @@ def _time_encode(v, lines):
 
 def _worker(args):
     """Fresh process: `prime` (other text, untimed) fills the caches, then two timed passes over `lines`."""
-    path, prime, lines = args
-    v = _load(path)
-    v.encode("가")  # load the analyser and the tokenizer outside the timing; the caches stay cold
+    path, use_lexicon, prime, lines = args
+    v = _load(path, use_lexicon)
+    v.encode("가")  # load the tokenizer (and the lexicon, if any) outside the timing; the caches stay cold
+    if getattr(v, "variant", None) in ("morph_bbpe", "char_bpe"):
+        from t5k import morph
+
+        morph._kiwi().tokenize("가")  # load the analyser outside the timing too (Kiwi finishes loading on its
+        # first call; the lexicon may have answered "가" without it)
     for i in range(0, len(prime), 256):
         _encode_all(v, prime[i : i + 256])
     return _time_encode(v, lines), _time_encode(v, lines)
 
 
 def throughput(path, lines, prime, procs):
-    """MB/s and tokens/s over `lines` (split across n processes, one per core), three cache states.
+    """MB/s and tokens/s over `lines` (split across n processes, one per core), in these cache states:
 
-    cold: fresh processes, empty caches (every eojeol new to the analyser); primed: fresh processes that first
-    encoded `prime` (other text, as a training stream would have); warm: a second pass over the same text.
+    cold: fresh processes, empty in-process caches, the vocabulary's saved lexicon (if it has one) under them;
+    cold_nolex (vocabularies with a lexicon): the same without the lexicon, every eojeol new to the analyser;
+    primed: fresh processes that first encoded `prime` (other text, as a training stream would have);
+    warm: a second pass over the same text.
     MB_per_cpu_s divides by the CPU time the processes used: on a machine shared with other jobs it is the
     figure that does not move with the load (an idle core gives about that much per second).
     """
@@ -138,12 +157,16 @@ def throughput(path, lines, prime, procs):
     out = {}
     for n in (1, procs):
         chunks = [lines[i::n] for i in range(n)]
-        with mp.get_context("spawn").Pool(n) as pool:
-            cold = pool.map(_worker, [(path, [], c) for c in chunks])
-        with mp.get_context("spawn").Pool(n) as pool:
-            primed = pool.map(_worker, [(path, prime, c) for c in chunks])
-        for phase, res in (("cold", [r[0] for r in cold]), ("primed", [r[0] for r in primed]),
-                           ("warm", [r[1] for r in primed])):
+        phases = {}
+        for phase, use_lexicon, prime_lines in (("cold", True, []), ("cold_nolex", False, []),
+                                                 ("primed", True, prime)):
+            if phase == "cold_nolex" and not _has_lexicon(path):
+                continue
+            with mp.get_context("spawn").Pool(n) as pool:
+                phases[phase] = pool.map(_worker, [(path, use_lexicon, prime_lines, c) for c in chunks])
+        phases = {name: [r[0] for r in res] for name, res in phases.items()} | {
+            "warm": [r[1] for r in phases["primed"]]}
+        for phase, res in phases.items():
             wall, cpu = max(r[0] for r in res), sum(r[1] for r in res)
             tokens = sum(r[2] for r in res)
             out[f"{phase}_{n}proc"] = {"MB_per_s": round(n_bytes / wall / 1e6, 3), "tokens_per_s": round(tokens / wall),
@@ -168,6 +191,25 @@ def piece_hit_rates(held_lines, samples):
         seen = {p for l in lines for p in morph.pieces_by_pattern(l)}
         out[name] = round(sum(p in seen for p in pieces) / len(pieces), 4)
     return out
+
+
+def lexicon_stats(path, lines):
+    """Size and load time of the vocabulary's lexicon, and the share of `lines`' analysed letter runs it holds
+    (each occurrence, and each distinct run: a fresh process pays Kiwi once per distinct run it misses)."""
+    from t5k import morph, vocab
+
+    meta = vocab.read_meta(vocab.DEFAULT_DIR if path == "shipped" else path).get("lexicon")
+    if not meta:
+        return None
+    file = Path(vocab.DEFAULT_DIR if path == "shipped" else path) / meta["file"]
+    start = time.perf_counter()
+    entries = morph.read_lexicon(file).entries
+    load_s = time.perf_counter() - start
+    counts = morph.count_runs(lines)
+    hits = {r: n for r, n in counts.items() if r in entries}
+    return {"runs": len(entries), "min_count": meta["min_count"], "bytes": file.stat().st_size,
+            "load_s": round(load_s, 3), "heldout_hit_rate": round(sum(hits.values()) / sum(counts.values()), 4),
+            "heldout_distinct_hit_rate": round(len(hits) / len(counts), 4)}
 
 
 def tf_pipeline(v, lines, seconds=10.0):
@@ -284,6 +326,7 @@ def main(argv=None):
         v = _load(path)
         name = _name(v) + ("_shipped" if path == "shipped" else "")
         row = {"vocab_size": v.vocab_size, "ablation": {c: ablation(v, ls, morphemes[c]) for c, ls in held.items()},
+               "lexicon": lexicon_stats(path, mixed),
                "throughput": throughput(path, mixed, prime, args.procs), "tf_data_tokens_per_s": tf_pipeline(v, mixed)}
         result["variants"][name] = row
         print(name, json.dumps(row, ensure_ascii=False), file=sys.stderr)
