@@ -271,6 +271,19 @@ def test_relative_position_buckets_match_hand_computed_values():
     assert [int(causal[200 - k]) for k in (15, 16, 32, 64, 128, 1000 % 201)] == [15, 16, 21, 26, 31, 31]
 
 
+@pytest.mark.parametrize("one_hot_limit", [layers.ONE_HOT_GRAD_LIMIT, 0])
+def test_bucket_lookup_gradient_equals_autodiff_of_take(monkeypatch, one_hot_limit):
+    """The hand-written table gradient (one-hot matmul, or scatter-add past the size limit) is exactly autodiff's."""
+    monkeypatch.setattr(layers, "ONE_HOT_GRAD_LIMIT", one_hot_limit)
+    table = jax.random.normal(jax.random.PRNGKey(0), (6, 32))
+    buckets = jax.random.randint(jax.random.PRNGKey(1), (3, 17, 19), 0, 32)
+    weights = jax.random.normal(jax.random.PRNGKey(2), (6, 3, 17, 19))
+    ours = jax.jit(jax.value_and_grad(lambda t: (layers.bucket_lookup(t, buckets) * weights).sum()))(table)
+    reference = jax.value_and_grad(lambda t: (jnp.take(t, buckets, axis=1) * weights).sum())(table)
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-6, atol=1e-6)
+
+
 def test_gated_gelu_is_the_tanh_approximation():
     x = jnp.linspace(-4, 4, 101)
     expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
