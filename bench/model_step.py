@@ -14,7 +14,8 @@ Cases (each runs in its own subprocess, so thread pools, denormal modes and memo
 Both frameworks run the same weights (t5k's initialisation exported by `t5k.convert.t5_params_to_hf`), the same
 random tokens (no padding) and the same loss (mean token cross entropy on float32 logits). Two measurements per
 case: "grad" = forward + backward (loss and gradients of every parameter); "train" = grad + an Adafactor update
-(optax.adafactor for t5k, transformers.optimization.Adafactor for PyTorch, both factored, lr 1e-3).
+(t5k's own Adafactor, `t5k.optim.adafactor` factored by logical axis names as `t5k train` runs it, and
+transformers.optimization.Adafactor for PyTorch, both factored, lr 1e-3).
 Warm-up steps (compilation included) are excluded; the step time is the median of the timed steps. "cpu s" is
 the median process CPU time (all threads) of a step: on a shared machine it moves less with other people's load
 than wall time does (PyTorch's OpenMP spin-waiting counts in it, so it flatters t5k somewhat).
@@ -146,7 +147,7 @@ def worker_t5k(args):
     import jax.numpy as jnp
     import optax
 
-    from t5k import convert
+    from t5k import convert, optim, trainer
     from t5k.models import EncoderDecoder, TransformerConfig
 
     overrides = dict(kv.split("=", 1) for kv in args.t5k_override)
@@ -175,7 +176,7 @@ def worker_t5k(args):
     out["loss"] = float(loss0)
     out["grad_times"] = _timed(lambda: jax.block_until_ready(compiled(params)), args.warmup, args.steps, "grad")
     if args.train:
-        opt = optax.adafactor(learning_rate=1e-3)
+        opt = optim.adafactor(learning_rate=1e-3, param_axes=trainer.param_axes(model))
 
         def train_step(p, s):
             loss, grads = jax.value_and_grad(loss_fn)(p, )
@@ -183,7 +184,7 @@ def worker_t5k(args):
             return optax.apply_updates(p, updates), s, loss
 
         train = jax.jit(train_step, donate_argnums=(0, 1))
-        state = [params, opt.init(params)]
+        state = [params, jax.jit(opt.init)(params)]
 
         def one():
             state[0], state[1], loss = train(*state)
