@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import compare  # noqa: E402  (bench/compare.py, beside this script)
 
 ALL_CASES = ("t5k_fp32", "t5k_bf16", "torch_default", "torch_ftz", "torch_ftz_bf16")
 DEFAULT_CASES = ALL_CASES
@@ -241,23 +242,19 @@ def main(argv=None):
     if agree is not None:
         print(f"greedy tokens equal across float32 cases: {agree:.1%}")
     def best(prefix, method, dtype=None):
-        rates = [s["tokens_per_s"] for k, s in summary.items() if k.startswith(prefix) and k.endswith("/" + method)
-                 and (dtype is None or k.split("/")[0].endswith("bf16") == (dtype == "bf16"))]
-        return max(rates, default=None)
+        return compare.best_rate(summary, prefix, method, dtype)
 
-    def quotient(a, b):
-        return round(a / b, 3) if a and b else None
-
-    ratio = {m: quotient(best("t5k", m), summary.get(f"torch_ftz/{m}", {}).get("tokens_per_s")) for m in METHODS}
-    best_vs_best = {m: quotient(best("t5k", m), best("torch", m)) for m in METHODS}
-    same_dtype = {f"{d}/{m}": quotient(best("t5k", m, d), best("torch", m, d)) for d in ("fp32", "bf16") for m in METHODS}
+    vs_ftz = {m: compare.ratio(best("t5k", m), summary.get(f"torch_ftz/{m}", {}).get("tokens_per_s")) for m in METHODS}
+    best_vs_best = {m: compare.ratio(best("t5k", m), best("torch", m)) for m in METHODS}
+    same_dtype = {f"{d}/{m}": compare.ratio(best("t5k", m, d), best("torch", m, d)) for d in ("fp32", "bf16")
+                  for m in METHODS}
     print("best t5k / best PyTorch: " + ", ".join(f"{m} {v}" for m, v in best_vs_best.items())
           + "; same dtype: " + ", ".join(f"{k} {v}" for k, v in same_dtype.items()))
     record = dict(
         benchmark="decode", quick=args.quick, batch=args.batch, inputs=args.inputs, new_tokens=args.new,
         runs=args.runs, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
         load_avg_after=load_after[0], cpus=os.cpu_count(), results=summary, greedy_token_agreement=agree,
-        best_t5k_vs_torch_ftz=ratio, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
+        best_t5k_vs_torch_ftz=vs_ftz, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
     )
     print(json.dumps(record))
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import compare  # noqa: E402  (bench/compare.py, beside this script)
 
 ALL_CASES = ("t5k_fp32", "t5k_bf16", "torch_default", "torch_ftz", "torch_ftz_bf16")
 RESULT_TAG = "RESULT "
@@ -96,23 +97,20 @@ def worker_peak(args):
     n = 512 if args.quick else 4096
     reps = 3 if args.quick else 10  # the best rep: on a shared machine the max is the least disturbed
     out = {}
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     bf16 = args.case.endswith("bf16")
-    if args.case.startswith("peak_jax"):
-        import jax
+    if args.case.startswith("peak_jax"):  # the probe `t5k train` uses for its MFU
         import jax.numpy as jnp
 
-        x = jnp.asarray(a, jnp.bfloat16 if bf16 else jnp.float32)
-        f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
-        times = _timed(lambda: f(x).block_until_ready(), 2, reps)
+        from t5k import throughput
+
+        out["flops_per_s"] = throughput.measure_matmul_peak(n, jnp.bfloat16 if bf16 else jnp.float32, reps)
     else:
+        import numpy as np
         import torch
 
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         x = torch.from_numpy(a).to(torch.bfloat16 if bf16 else torch.float32)
-        times = _timed(lambda: torch.mm(x, x), 2, reps)
-    out["flops_per_s"] = 2 * n**3 / min(times)
+        out["flops_per_s"] = 2 * n**3 / min(_timed(lambda: torch.mm(x, x), 2, reps))
     out["n"] = n
     return out
 
@@ -367,13 +365,9 @@ def main(argv=None):
               f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}"
               f"{s['loss']:>10.4f}")
     def best(prefix, kind, dtype=None):
-        rates = [s["tokens_per_s"] for k, s in summary.items() if k.startswith(prefix) and k.endswith("/" + kind)
-                 and (dtype is None or k.split("/")[0].endswith("bf16") == (dtype == "bf16"))]
-        return max(rates, default=None)
+        return compare.best_rate(summary, prefix, kind, dtype)
 
-    def ratio(a, b):
-        return round(a / b, 3) if a and b else None
-
+    ratio = compare.ratio
     kinds = ("grad", "train")
     best_t5k = {kind: best("t5k", kind) for kind in kinds}
     best_torch = {kind: best("torch", kind) for kind in kinds}

@@ -91,14 +91,18 @@ def is_analysed(run: str) -> bool:
     return len(run) <= MAX_ANALYSED_CHARS and _HANGUL_RE.search(run) is not None
 
 
+def _tokenize_runs(runs: Sequence[str]) -> list:
+    """Kiwi's tokens for each run, each run analysed on its own, in one (multi-threaded) Kiwi batch."""
+    if not runs:
+        return []
+    kiwi = _kiwi()
+    return kiwi.tokenize(runs) if len(runs) > 1 else [kiwi.tokenize(runs[0])]
+
+
 def analyse_runs(runs: Sequence[str]) -> Dict[str, tuple]:
     """Cut offsets of each analysed run (`is_analysed`), each run analysed on its own, in one Kiwi batch."""
     analysed = [r for r in runs if is_analysed(r)]
-    if not analysed:
-        return {}
-    kiwi = _kiwi()
-    results = kiwi.tokenize(analysed) if len(analysed) > 1 else [kiwi.tokenize(analysed[0])]
-    return {run: _cuts(tokens, len(run)) for run, tokens in zip(analysed, results)}
+    return {run: _cuts(tokens, len(run)) for run, tokens in zip(analysed, _tokenize_runs(analysed))}
 
 
 class MorphSplitter:
@@ -144,12 +148,17 @@ class MorphSplitter:
         if len(cache) > _CACHE_LIMIT:
             self._cache = {}
 
-    def cuts(self, runs: Sequence[str]) -> List[tuple]:
-        """Cut offsets of each letter run (no leading space), through the cache and the lexicon like `split_runs`."""
+    def _cached(self, runs: Iterable[str]) -> dict:
+        """The cache dict this call works on, holding every one of `runs` (letter runs without leading space)."""
         cache = self._cache
         missing = list({r for r in runs if r not in cache})
         if missing:
             self._analyse(cache, missing)
+        return cache
+
+    def cuts(self, runs: Sequence[str]) -> List[tuple]:
+        """Cut offsets of each letter run (no leading space), through the cache and the lexicon like `split_runs`."""
+        cache = self._cached(runs)
         return [cache[r] for r in runs]
 
     def split_runs(self, runs: Sequence[str]) -> List[List[str]]:
@@ -157,11 +166,7 @@ class MorphSplitter:
 
         A piece's cuts depend on the piece alone, so callers may cache per piece (BPEVocabulary caches ids).
         """
-        cache = self._cache
-        missing = {p.lstrip(" ") for p in runs if p.lstrip(" ") not in cache}
-        missing = [r for r in missing if r[:1].isalpha()]
-        if missing:
-            self._analyse(cache, missing)
+        cache = self._cached(r for r in (p.lstrip(" ") for p in runs) if r[:1].isalpha())
         out = []
         for p in runs:
             cuts = cache.get(p[1:] if p[:1] == " " else p, ())
@@ -192,14 +197,11 @@ def piece_tags(runs: Sequence[str]) -> List[tuple]:
     the splitter analyses it). Runs the splitter leaves whole (no Hangul, too long) give ((0, None),)."""
     analysed = [r for r in dict.fromkeys(runs) if is_analysed(r)]
     found = {}
-    if analysed:
-        kiwi = _kiwi()
-        results = kiwi.tokenize(analysed) if len(analysed) > 1 else [kiwi.tokenize(analysed[0])]
-        for run, tokens in zip(analysed, results):
-            tag_at = {}
-            for t in tokens:
-                tag_at.setdefault(t.start, t.tag)
-            found[run] = tuple((c, tag_at[c]) for c in (0, *_cuts(tokens, len(run))))
+    for run, tokens in zip(analysed, _tokenize_runs(analysed)):
+        tag_at = {}
+        for t in tokens:
+            tag_at.setdefault(t.start, t.tag)
+        found[run] = tuple((c, tag_at[c]) for c in (0, *_cuts(tokens, len(run))))
     return [found.get(r, ((0, None),)) for r in runs]
 
 
