@@ -182,6 +182,7 @@ def cold(make, lexicon: Optional[morph.Lexicon]):
     gc.collect()  # the previous run's tf.data iterator (and its prefetch threads) must be gone
     vocabulary._splitter = morph.MorphSplitter(lexicon)
     vocabulary._ids_cache = {}
+    vocabulary._piece_ids = {}
     return make()
 
 

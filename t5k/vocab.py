@@ -70,6 +70,8 @@ def _bytes_to_unicode() -> dict:
 
 
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+# str.translate table: the Latin-1 character of each byte -> its byte-level character
+_BYTE_LEVEL_TABLE = {b: c for b, c in _bytes_to_unicode().items()}
 
 
 def read_meta(path: Union[str, Path]) -> dict:
@@ -117,6 +119,7 @@ class BPEVocabulary(seqio.Vocabulary):
         lexicon_path = os.path.join(self.path, lexicon["file"]) if lexicon and use_lexicon else None
         self._splitter = morph.MorphSplitter(lexicon_path) if self.meta["variant"] != "bbpe" else None
         self._ids_cache = {}  # stage-1 piece -> tuple of ids (see encode_batch)
+        self._piece_ids = {}  # morpheme piece -> tuple of ids (see _encode_runs)
 
     @functools.cached_property
     def tokenizer(self):
@@ -176,10 +179,37 @@ class BPEVocabulary(seqio.Vocabulary):
         return self._splitter.split_batch(texts)
 
     def _encode_runs(self, runs: Sequence[str]) -> List[tuple]:
-        """Ids of each stage-1 piece: cut into morpheme pieces, BPE inside them (one Rust call)."""
-        pieces = [[r] for r in runs] if self._splitter is None else self._splitter.split_runs(runs)
-        encoded = self.tokenizer.encode_batch_fast(pieces, is_pretokenized=True, add_special_tokens=False)
-        return [tuple(e.ids) for e in encoded]
+        """Ids of each stage-1 piece: cut into morpheme pieces, BPE inside each piece.
+
+        BPE never merges across pieces (they are pre-tokenized words), so a stage-1 piece's ids are the
+        concatenation of its morpheme pieces' ids. Morpheme pieces repeat far more than stage-1 pieces (particles,
+        endings, stems), so each distinct one is BPE'd once, by the BPE model directly (`model.tokenize` on its
+        byte-level form: what `Tokenizer.encode(..., is_pretokenized=True)` does per word, without building an
+        `Encoding` per text); on new text this halves the BPE cost.
+        """
+        if self._splitter is None:
+            pieces = [[r] for r in runs]
+        else:
+            pieces = self._splitter.split_runs(runs)
+        cache = self._piece_ids
+        new = {q for ps in pieces for q in ps if q not in cache}
+        if not new:
+            return [tuple(i for q in ps for i in cache[q]) for ps in pieces]
+        tokenize = self.tokenizer.model.tokenize
+        fresh = {q: tuple(t.id for t in tokenize(self._model_text(q))) if q else () for q in new}
+        out = [tuple(i for q in ps for i in (fresh[q] if q in fresh else cache[q])) for ps in pieces]
+        if len(cache) > _ID_CACHE_LIMIT:  # swapped, not cleared, like the id cache (see encode_batch)
+            cache = self._piece_ids = {}
+        cache.update((q, ids) for q, ids in fresh.items() if len(q) <= _MAX_CACHED_CHARS)
+        return out
+
+    def _model_text(self, piece: str) -> str:
+        """`piece` as the BPE model sees it: its UTF-8 bytes as byte-level characters (char_bpe: itself).
+        A lone surrogate raises UnicodeEncodeError."""
+        if not self._byte_level:
+            piece.encode("utf-8")
+            return piece
+        return piece.encode("utf-8").decode("latin-1").translate(_BYTE_LEVEL_TABLE)
 
     def encode_batch(self, texts: Iterable[Union[str, bytes]]) -> List[List[int]]:
         """Encode many texts at once: the fast path.
@@ -195,7 +225,7 @@ class BPEVocabulary(seqio.Vocabulary):
         missing = list({r for rs in runs for r in rs if r not in cache})
         try:
             fresh = dict(zip(missing, self._encode_runs(missing))) if missing else {}
-        except TypeError:  # a str with lone surrogates: not encodable as UTF-8
+        except (TypeError, UnicodeEncodeError):  # a str with lone surrogates: not encodable as UTF-8
             for i, plan in enumerate(plans):
                 for seg in plan:
                     for j, c in enumerate(seg if isinstance(seg, str) else ""):

@@ -105,10 +105,11 @@ def test_real_sentences_round_trip_and_batch_equals_single(shipped, lines):
 
 
 def test_piece_id_cache_equals_uncached_tokenizer(shipped, trained, lines, monkeypatch):
-    """encode_batch caches ids per stage-1 piece; HF tokenizers on each whole text's pieces is the reference.
+    """encode_batch caches ids per stage-1 piece and BPEs each distinct morpheme piece once (BPE model directly,
+    cached too); HF tokenizers on each whole text's pieces is the reference.
 
     Checked cold (empty caches), warm (every piece cached), one text at a time, with runs too long to cache, and
-    with a cache so small that it is swapped out mid-stream.
+    with caches so small that they are swapped out mid-stream.
     """
     texts = lines + [e for e in EXAMPLES if e and "<extra_id_" not in e] + ["가나다라" * 40, "x" * 300 + " 마감이"]
     references = {}
@@ -119,12 +120,14 @@ def test_piece_id_cache_equals_uncached_tokenizer(shipped, trained, lines, monke
         assert fresh.encode_batch(texts) == reference
         assert fresh.encode_batch(texts) == reference
         assert [fresh.encode(t) for t in texts[-30:]] == reference[-30:]
-        assert "가나다라" * 40 not in fresh._ids_cache
+        assert "가나다라" * 40 not in fresh._ids_cache and "가나다라" * 40 not in fresh._piece_ids
+        assert " 마감" in fresh._piece_ids or v.variant == "bbpe"  # morpheme pieces are cached for reuse
     monkeypatch.setattr(vocab, "_ID_CACHE_LIMIT", 50)
     small = vocab.BPEVocabulary(shipped.path)
     got = [ids for i in range(0, len(texts), 16) for ids in small.encode_batch(texts[i : i + 16])]
     assert got == references[shipped.path]
     assert len(small._ids_cache) <= 50 + 16 * max(len(morph.pieces_by_pattern(t)) for t in texts)
+    assert len(small._piece_ids) <= 50 + 16 * max(len(p) for p in small.pieces(texts))
 
 
 # ---- id layout ----------------------------------------------------------------------------------------------------
