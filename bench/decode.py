@@ -12,9 +12,10 @@ Cases (each in its own subprocess, so thread pools and denormal modes never leak
   torch_ftz_bf16        torch_ftz with the model in bfloat16 (`model.to(torch.bfloat16)`), the dtype peer of t5k_bf16
 
 Both frameworks run the same weights (t5k's initialisation exported by `t5k.convert.t5_params_to_hf`) on the
-same random 512-token inputs (no padding). Every case generates exactly `--new` tokens per row (min_new_tokens =
-max_new_tokens on both sides, so EOS never ends a row early): greedy, and nucleus sampling with top_p 0.9
-(top_k off, temperature 1). The time of a call covers encoding the inputs and the whole generation loop; the
+same random 512-token inputs (no padding); the bf16 cases cast their weights once, before the timed calls
+(`decoding.params_for_decoding` / `model.to(torch.bfloat16)`). Every case generates exactly `--new` tokens per
+row (min_new_tokens = max_new_tokens on both sides, so EOS never ends a row early): greedy, and nucleus
+sampling with top_p 0.9 (top_k off, temperature 1). The time of a call covers encoding the inputs and the whole generation loop; the
 first call (compilation, caches) is excluded, the figure is the median of `--runs` calls. tokens/s counts new
 tokens: batch * new / time. "cpu s" is the process CPU time of a call (all threads). The last line of output is
 one JSON object with every figure, including t5k / PyTorch ratios against both PyTorch configurations.
@@ -96,7 +97,8 @@ def worker_t5k(args):
 
     config = t5k_config(args, "bfloat16" if args.case == "t5k_bf16" else "float32")
     model = EncoderDecoder(config)
-    params = jax.device_put(convert.load_params_npz(args.params_file))
+    # Weights in the compute dtype once, outside the timed calls, as the PyTorch bf16 case's `model.to(bfloat16)`.
+    params = decoding.params_for_decoding(model, jax.device_put(convert.load_params_npz(args.params_file)))
     batch = {"encoder_input_tokens": _inputs(args, config.vocab_size)}
     seeds = np.arange(args.batch, dtype=np.uint32)
     out = {"dtype": config.dtype, "scan_layers": config.scan_layers}

@@ -185,6 +185,7 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
         if too_long:
             raise ValueError(f"examples {too_long[:5]}: inputs longer than {room - 1} tokens, the model's max_length "
                              f"{model_config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}")
+    params = decoding.params_for_decoding(loaded.model, loaded.params)  # once, not per batch
     texts: List[List[str]] = []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_seeds = rows[start: start + batch_size], seeds[start: start + batch_size]
@@ -196,7 +197,7 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
         batch = {key: tokens}
         if key == "prompt_tokens":
             batch["prompt_lengths"] = np.asarray([len(row) for row in padded], np.int32)
-        result = decoding.generate(loaded.model, loaded.params, batch, config,
+        result = decoding.generate(loaded.model, params, batch, config,
                                    np.asarray(chunk_seeds + [chunk_seeds[0]] * pad, np.uint32), loaded.vocabulary)
         texts += decoding.decode_outputs(loaded.vocabulary, np.asarray(result.tokens), config)[: len(chunk)]
     return texts

@@ -214,6 +214,8 @@ def model_generator(loaded, config, batch_size: int) -> Generator:
     """A Generator over `t5k.decoding`: every call runs `batch_size` rows (short groups are padded with copies
     of their first prompt, whose outputs are dropped), so one program serves the whole file and each row's
     batch dimension divides the mesh's data axis."""
+    params = decoding.params_for_decoding(loaded.model, loaded.params)  # once, not per batch
+
     def generate(prompts: List[str], seeds: List[int], stop: Tuple[str, ...]) -> List[List[str]]:
         line_config = config.replace(stop_strings=tuple(dict.fromkeys(config.stop_strings + stop)))
         texts: List[List[str]] = []
@@ -222,7 +224,7 @@ def model_generator(loaded, config, batch_size: int) -> Generator:
             pad = batch_size - len(rows)
             batch = decoding.encode_prompts(loaded.model, loaded.vocabulary, rows + [rows[0]] * pad, line_config)
             with partitioning.activate(loaded.mesh, loaded.rules):
-                result = decoding.generate(loaded.model, loaded.params, batch, line_config,
+                result = decoding.generate(loaded.model, params, batch, line_config,
                                            np.asarray(row_seeds + [row_seeds[0]] * pad, np.uint32), loaded.vocabulary)
             texts += decoding.decode_outputs(loaded.vocabulary, np.asarray(result.tokens), line_config)[: len(rows)]
         return texts

@@ -11,6 +11,17 @@ import jax.numpy as jnp
 NEG_INF = -1.0e9  # finite, so that masked logits never make NaNs in softmax or in score arithmetic
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """`[rows, vocab]` -> `[rows]` int32: the first index of each row's maximum, like `jnp.argmax` (no NaNs).
+
+    Two plain reductions (the row max, then the smallest index holding it) instead of XLA's variadic
+    (value, index) reduce, which XLA:CPU runs ~5x slower: ~1 ms of a ~25 ms greedy ct5_small step for 8 x 51,200.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
+
+
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:

@@ -119,13 +119,14 @@ def test_bfloat16_decoding_casts_weights_once_and_keeps_the_outputs():
     bytes per step); the layers cast them anyway, so greedy outputs equal uncached bf16 decoding."""
     _, params = _encoder_decoder(False)
     model = EncoderDecoder(TransformerConfig(**dict(TINY, dtype="bfloat16")))
-    cast = decoding._params_in_compute_dtype(model, params)
+    cast = decoding.params_for_decoding(model, params)
     assert cast["decoder"]["layers_0"]["mlp"]["wo"]["kernel"].dtype == jnp.bfloat16
     assert cast["token_embedder"]["embedding"].dtype == jnp.bfloat16
     assert cast["decoder"]["final_norm"]["scale"].dtype == jnp.float32
     enc = _encoder_batch()
     ref = np.asarray(decoding.greedy_decode_uncached(model, params, jnp.asarray(enc), N, eos_id=-1))
     np.testing.assert_array_equal(_greedy(model, params, {"encoder_input_tokens": enc}, stop_token_ids=()), ref)
+    np.testing.assert_array_equal(_greedy(model, cast, {"encoder_input_tokens": enc}, stop_token_ids=()), ref)
 
 
 def test_cached_greedy_equals_uncached_decoder_only_padded():
@@ -354,3 +355,19 @@ def test_nucleus_threshold_equals_the_sort_and_cumsum_definition():
         expected = p >= np.take_along_axis(descending, num_kept - 1, axis=-1)
         kept = np.asarray(probs >= logits_processing.nucleus_threshold(probs, top_p))
         np.testing.assert_array_equal(kept, expected, err_msg=f"top_p={top_p}")
+
+
+def test_argmax_is_the_first_index_of_the_row_maximum():
+    """The two-reduction argmax equals numpy's on random rows, exact ties (first index wins) and masked rows."""
+    from t5k import logits_processing
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((32, 1000)).astype(np.float32)
+    logits[0, [7, 500, 999]] = 50.0  # ties at the top: index 7
+    logits[1, :] = logits_processing.NEG_INF  # everything masked: index 0
+    logits[2, -1] = 1e30  # the last id
+    logits[3, :] = 0.0
+    got = np.asarray(logits_processing.argmax(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[:4].tolist() == [7, 0, 999, 0]

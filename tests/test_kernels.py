@@ -110,3 +110,49 @@ def test_reductions_stay_out_of_ynnpack():
     dot_hlo = jax.jit(lambda a: a @ a).lower(jnp.ones((256, 256), jnp.float32)).compile().as_text()
     assert "__ynn_fusion" not in reduce_hlo
     assert "__ynn_fusion" in dot_hlo
+
+
+def test_one_query_row_in_bfloat16_equals_the_same_row_among_others():
+    """A single bfloat16 query row (a decoding step; computed as a doubled row so XLA:CPU keeps the products in
+    bfloat16) gives what that row gives inside a longer query, and its gradients match float32 autodiff."""
+    q, k, v, biases, _ = _attention_inputs(seed=4, q_len=3, k_len=9)
+    padding = biases[0]
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    full = kernels.dot_product_attention(bf[0], bf[1], bf[2], (padding,))  # [batch, 3, heads, kv]
+    for row in range(3):
+        one = kernels.dot_product_attention(bf[0][:, row:row + 1], bf[1], bf[2], (padding,))
+        assert one.shape == (2, 1, 3, 4) and one.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(one, np.float32), np.asarray(full[:, row:row + 1], np.float32),
+                                   atol=1e-2, rtol=1e-2)
+    cotangent = jnp.asarray(np.random.default_rng(5).standard_normal((2, 1, 3, 4)), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, (padding,)).astype(jnp.float32) * cotangent)
+
+    grads = jax.grad(lambda *a: loss(kernels.dot_product_attention, *a), argnums=(0, 1, 2))(
+        bf[0][:, :1], bf[1], bf[2])
+    ref = jax.grad(lambda *a: loss(_reference_attention, *a), argnums=(0, 1, 2))(q[:, :1], k, v)
+    for name, g, r in zip(("query", "key", "value"), grads, ref):
+        assert g.shape == r.shape, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=5e-2, rtol=5e-2, err_msg=name)
+
+
+def test_bfloat16_kernel_concatenation_is_exact_without_float32_converts():
+    """Fused projections concatenate bfloat16 kernels (decoding casts them) without XLA:CPU's float32 round trip;
+    the values are the plain concatenation and the gradient is the cotangent split back."""
+    from t5k.models import layers
+
+    rng = np.random.default_rng(6)
+    a, b = (jnp.asarray(rng.standard_normal((16, n)), jnp.bfloat16) for n in (8, 24))
+    got = layers.concatenate_columns([a, b])
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.concatenate([a, b], 1), np.float32))
+    hlo = jax.jit(lambda a, b: layers.concatenate_columns([a, b])).lower(a, b).compile().as_text()
+    assert not re.search(r"f32\[", hlo), "a float32 detour in the bfloat16 concatenation"
+    weights = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
+    grads = jax.grad(lambda a, b: jnp.sum(layers.concatenate_columns([a, b]).astype(jnp.float32) * weights),
+                     argnums=(0, 1))(a, b)
+    np.testing.assert_array_equal(np.asarray(grads[0], np.float32), np.asarray(weights[:, :8].astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(np.asarray(grads[1], np.float32), np.asarray(weights[:, 8:].astype(jnp.bfloat16), np.float32))
+    f32 = [x.astype(jnp.float32) for x in (a, b)]
+    np.testing.assert_array_equal(layers.concatenate_columns(f32), jnp.concatenate(f32, 1))

@@ -335,3 +335,19 @@ def test_bad_config_and_inputs_raise_named_errors():
         model.init(jax.random.PRNGKey(0), jnp.ones((1, 9), jnp.int32))
     with pytest.raises(TypeError, match="integer ids"):
         EncoderDecoder(TINY_T5).init(jax.random.PRNGKey(0), jnp.ones((1, 4)), jnp.ones((1, 4)))
+
+
+def test_one_token_cache_write_equals_the_scatter():
+    """Decoding steps write their one key/value row by a select; it equals the scatter used for longer writes,
+    including positions past the last slot (dropped) and bfloat16 caches."""
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cache = jnp.asarray(rng.standard_normal((4, 6, 2, 3)), dtype)  # [batch, slots, heads, kv]
+        new = jnp.asarray(rng.standard_normal((4, 1, 2, 3)), dtype)
+        positions = jnp.asarray([[0], [5], [2], [9]], jnp.int32)  # row 3: past the last slot
+        got = layers._write_slots(cache, new, positions)
+        rows = jnp.arange(4)[:, None]
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(cache.at[rows, positions].set(new), np.float32))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(cache[3]))

@@ -88,6 +88,15 @@ def dot_product_attention(
     output rather than to the `q·k` weights: the same function, one pass over `[batch, heads, q, k]` fewer.
     """
     keep = () if dropout_keep is None else (dropout_keep,)
+    if query.shape[1] == 1 and query.dtype != F32:
+        # One query row (every cached decoding step) makes both products matrix-vector products, which
+        # XLA:CPU keeps out of its bfloat16 matmul library: it widens the keys and values to float32 (for a
+        # loop-invariant cross-attention cache, into a float32 copy twice the size) and runs a generic dot.
+        # With the row repeated, the products are 2-row matmuls in bfloat16: half the bytes read, and on
+        # ct5_small ~3x faster per decoding step. Row 1 is dropped; row 0 is unchanged.
+        # Biases and the dropout mask have q_len 1 and broadcast over both rows.
+        doubled = jnp.concatenate([query, query], axis=1)  # [batch, 2, heads, kv]
+        return _attention(doubled, key, value, tuple(biases), keep)[:, :1]
     return _attention(query, key, value, tuple(biases), keep)
 
 
