@@ -160,7 +160,7 @@ def _sample_loop(stepper: Stepper, config: DecodeConfig, seeds: jax.Array, stops
             return logits_processing.argmax(processed)
         sample_logits = logits_processing.sampling_logits(processed, config)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        return jax.vmap(jax.random.categorical)(step_keys, sample_logits).astype(jnp.int32)
+        return logits_processing.sample(sample_logits, jax.vmap(jax.random.uniform)(step_keys))
 
     def body(s):
         t = s["t"]

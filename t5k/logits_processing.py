@@ -90,3 +90,38 @@ def is_stop_id(tokens: jax.Array, config) -> jax.Array:
     if not config.stop_token_ids:
         return jnp.zeros(tokens.shape, bool)
     return jnp.isin(tokens, jnp.asarray(config.stop_token_ids))
+
+
+SAMPLE_BLOCK = 128
+
+
+def sample(logits: jax.Array, uniform: jax.Array) -> jax.Array:
+    """One id per row drawn from `softmax(logits)` by inverting its CDF at `uniform`: `[rows, vocab]`, `[rows]`
+    in [0, 1) -> `[rows]` int32.
+
+    Exactly the categorical distribution `jax.random.categorical` samples, from one uniform number per row
+    instead of a Gumbel variate per id: generating and log-transforming `rows x 51,200` random numbers and the
+    variadic argmax over them cost ~6 ms of a ~30 ms ct5_small step on CPU. The CDF is searched in two levels
+    (sums of 128-id blocks, then the chosen block), so nothing sorts or scans the whole vocabulary. Ids whose
+    probability is 0 (logits at NEG_INF far below the maximum) are never returned.
+    """
+    rows, vocab = logits.shape
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [rows, vocab], unnormalised
+    pad = -vocab % SAMPLE_BLOCK
+    blocks = jnp.pad(weights, ((0, 0), (0, pad))).reshape(rows, -1, SAMPLE_BLOCK)  # [rows, n_blocks, block]
+    ends = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [rows, n_blocks], the CDF at each block's end
+    target = uniform * ends[:, -1]  # [rows]
+    block = _first_above(ends, target)  # [rows]
+    start = jnp.where(block > 0, jnp.take_along_axis(ends, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [rows, block]
+    offset = _first_above(start[:, None] + jnp.cumsum(inside, axis=-1), target, positive=inside > 0)
+    return (block * SAMPLE_BLOCK + offset).astype(jnp.int32)
+
+
+def _first_above(cdf: jax.Array, target: jax.Array, positive: Optional[jax.Array] = None) -> jax.Array:
+    """Index of the first entry of each non-decreasing row `cdf` above `target`, clamped to the last entry
+    that adds mass (float rounding can leave `target` at or past the row's end)."""
+    if positive is None:
+        positive = jnp.diff(cdf, axis=-1, prepend=0.0) > 0
+    last = jnp.max(jnp.where(positive, jnp.arange(cdf.shape[-1]), 0), axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), last).astype(jnp.int32)

@@ -371,3 +371,31 @@ def test_argmax_is_the_first_index_of_the_row_maximum():
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     assert got[:4].tolist() == [7, 0, 999, 0]
+
+
+def test_inverse_cdf_sampling_matches_the_softmax_distribution():
+    """`logits_processing.sample` inverts the softmax CDF: at given uniforms it picks numpy's searchsorted id,
+    never an id of probability 0, and its frequencies over many draws match the probabilities (chi-square)."""
+    from t5k import logits_processing
+
+    rng = np.random.default_rng(11)
+    vocab = 1000  # not a multiple of the 128-id block
+    logits = rng.standard_normal((4, vocab)).astype(np.float32) * np.array([[0.5], [2.0], [4.0], [8.0]], np.float32)
+    logits[:, 300:700] = logits_processing.NEG_INF  # masked ids (top-k / top-p)
+    logits[3, :] = logits_processing.NEG_INF
+    logits[3, [5, 999]] = [0.0, np.log(3.0)]  # two ids left: 1/4 and 3/4, the second in the last, partial block
+    uniform = rng.random((4000, 4)).astype(np.float32)
+    sample = jax.jit(jax.vmap(logits_processing.sample, in_axes=(None, 0)))
+    got = np.asarray(sample(jnp.asarray(logits), jnp.asarray(uniform)))  # [draws, rows]
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
+    cdf = np.cumsum(probs, axis=-1)
+    expected = np.stack([np.searchsorted(cdf[r], uniform[:, r] * cdf[r, -1], side="right") for r in range(4)], 1)
+    assert (probs[np.arange(4), got] > 0).all()
+    assert (got == expected).mean() > 0.999  # float32 block sums vs float64 cumsum differ only at boundaries
+    for r in range(4):
+        counts = np.bincount(got[:, r], minlength=vocab)
+        kept = probs[r] > 1e-3
+        expected_counts = probs[r, kept] * len(got) / probs[r, kept].sum()
+        chi2 = ((counts[kept] - expected_counts) ** 2 / expected_counts).sum()
+        assert chi2 < kept.sum() + 5 * np.sqrt(2 * kept.sum()), (r, chi2, kept.sum())
+    assert abs((got[:, 3] == 999).mean() - 0.75) < 0.03
