@@ -104,6 +104,9 @@ def _start_decoder_only(model: DecoderOnly, params, batch, decode_length: int) -
 
 
 def _step_encoder_decoder(model, params, cache, context, tokens, positions, decode_length):
+    # The cross-attention cache is loop-invariant: tying it to this step's positions keeps XLA from hoisting
+    # work on it out of the decoding loop (a float32 copy of the bfloat16 keys, twice the bytes at every read).
+    cache, positions = jax.lax.optimization_barrier((cache, positions))
     # `encoded` is passed for the layers' signature; with the cache in place nothing reads it.
     logits, variables = model.apply(
         {"params": params, "cache": cache}, context["encoded"], context["encoder_input_tokens"], tokens[:, None],

@@ -42,7 +42,8 @@ finished one; 'never' scores that bound at max_new_tokens when alpha > 0 (exact 
 These are `transformers`' `early_stopping` values with the same meaning.
 
 Seeds: each row r gets its own PRNG stream from `seeds[r]` (sample s of the row folds in s, step t folds in t),
-so a row's samples do not depend on which other rows share the batch.
+so a row's samples do not depend on which other rows share the batch. A step draws one uniform number per row
+and inverts the CDF of the processed distribution at it (`logits_processing.sample`).
 """
 
 import dataclasses

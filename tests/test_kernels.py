@@ -156,3 +156,18 @@ def test_bfloat16_kernel_concatenation_is_exact_without_float32_converts():
     np.testing.assert_array_equal(np.asarray(grads[1], np.float32), np.asarray(weights[:, 8:].astype(jnp.bfloat16), np.float32))
     f32 = [x.astype(jnp.float32) for x in (a, b)]
     np.testing.assert_array_equal(layers.concatenate_columns(f32), jnp.concatenate(f32, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_attention_step_equals_attention_over_the_same_cache(dtype):
+    """The decoding step's cross-attention over transposed cached keys/values equals `dot_product_attention` over
+    the usual layouts (one query row, and several), with the padding bias."""
+    for q_len in (1, 3):
+        q, k, v, biases, _ = _attention_inputs(seed=7, q_len=q_len, k_len=9)
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        expected = kernels.dot_product_attention(q, k, v, (biases[0],))
+        got = kernels.cross_attention_step(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)),
+                                           (biases[0],))
+        assert got.shape == expected.shape and got.dtype == dtype
+        tol = 1e-6 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=tol)

@@ -33,6 +33,9 @@ MASK_BIAS = -1e10
 
 # Logical axes of the cached keys and values of attention layers (`[batch, length, heads, kv]`).
 CACHE_AXES = ("batch", "length", "heads", "kv")
+# Cross-attention keys and values are cached in the layouts `kernels.cross_attention_step` reads directly.
+CROSS_KEY_AXES = ("batch", "heads", "kv", "length")
+CROSS_VALUE_AXES = ("batch", "heads", "length", "kv")
 
 
 def constrain(x: Array, *logical_axes: Optional[str]) -> Array:
@@ -325,7 +328,9 @@ class KeyValueCache(nn.Module):
     """One attention layer's keys and values in the "cache" collection, `[batch, slots, heads, kv]` (CACHE_AXES).
 
     `length=None` (cross-attention): `project()` runs only on the call that creates the cache; its keys and
-    values are stored and returned unchanged by every later call. `length=L` (self-attention): every call
+    values are stored as `[batch, heads, kv, length]` and `[batch, heads, length, kv]` (CROSS_KEY_AXES,
+    CROSS_VALUE_AXES, the layouts `kernels.cross_attention_step` reads without a copy) and returned so by every
+    call. `length=L` (self-attention): every call
     writes `project()`'s `[batch, q_len, heads, kv]` keys and values at `positions` `[batch, q_len]` (slot p
     holds position p) and returns all L slots.
     """
@@ -339,8 +344,12 @@ class KeyValueCache(nn.Module):
             if self.has_variable("cache", "cached_key"):
                 return self.variable("cache", "cached_key").value, self.variable("cache", "cached_value").value
             key, value = project()
-            self.variable("cache", "cached_key", init, key.shape, key.dtype).value = key
-            self.variable("cache", "cached_value", init, value.shape, value.dtype).value = value
+            key = jnp.transpose(key, (0, 2, 3, 1))  # [batch, heads, kv, length]
+            value = jnp.transpose(value, (0, 2, 1, 3))  # [batch, heads, length, kv]
+            key_init = nn.with_logical_partitioning(jnp.zeros, CROSS_KEY_AXES)
+            value_init = nn.with_logical_partitioning(jnp.zeros, CROSS_VALUE_AXES)
+            self.variable("cache", "cached_key", key_init, key.shape, key.dtype).value = key
+            self.variable("cache", "cached_value", value_init, value.shape, value.dtype).value = value
             return key, value
         key, value = project()
         batch, _, heads, head_dim = key.shape
@@ -439,8 +448,11 @@ class MultiHeadAttention(nn.Module):
     ) -> Array:
         cfg = self.config
         if self.decode and not self.is_self_attention:
-            query = self.query(inputs_q)
-            key, value = self.kv_cache(lambda: self.project_kv(inputs_kv))
+            query = constrain(self.query(inputs_q), "batch", "length", "heads", "kv")
+            key, value = self.kv_cache(lambda: self.project_kv(inputs_kv))  # [b, heads, kv, len], [b, heads, len, kv]
+            biases = bias if isinstance(bias, tuple) else (bias,)
+            out = kernels.cross_attention_step(query, key, value.astype(query.dtype), biases)
+            return self.out(constrain(out, "batch", "length", "heads", "kv"))
         else:
             query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
         query = constrain(query, "batch", "length", "heads", "kv")
