@@ -22,8 +22,6 @@ def argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
 
 
-
-
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
     """`logits, seen: [rows, vocab]`: seen ids' positive logits / penalty, negative ones * penalty."""
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)

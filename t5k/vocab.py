@@ -71,7 +71,7 @@ def _bytes_to_unicode() -> dict:
 
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 # str.translate table: the Latin-1 character of each byte -> its byte-level character
-_BYTE_LEVEL_TABLE = {b: c for b, c in _bytes_to_unicode().items()}
+_BYTE_LEVEL_TABLE = _bytes_to_unicode()
 
 
 def read_meta(path: Union[str, Path]) -> dict:
@@ -193,9 +193,7 @@ class BPEVocabulary(seqio.Vocabulary):
             pieces = self._splitter.split_runs(runs)
         cache = self._piece_ids
         new = {q for ps in pieces for q in ps if q not in cache}
-        if not new:
-            return [tuple(i for q in ps for i in cache[q]) for ps in pieces]
-        tokenize = self.tokenizer.model.tokenize
+        tokenize = self.tokenizer.model.tokenize if new else None
         fresh = {q: tuple(t.id for t in tokenize(self._model_text(q))) if q else () for q in new}
         out = [tuple(i for q in ps for i in (fresh[q] if q in fresh else cache[q])) for ps in pieces]
         if len(cache) > _ID_CACHE_LIMIT:  # swapped, not cleared, like the id cache (see encode_batch)

@@ -114,6 +114,18 @@ def test_cached_greedy_equals_uncached_encoder_decoder(scan):
     assert len({tuple(r) for r in ref}) == 3 and (ref == 0).any()
 
 
+def test_cached_greedy_equals_uncached_with_run_time_logit_scaling():
+    """An encoder-decoder that scales attention logits at run time (GPT-style) decodes the same with the cache:
+    the cached cross-attention step applies the scaling too."""
+    model = EncoderDecoder(TransformerConfig(**TINY, scale_attention_logits=True))
+    dummy = jnp.ones((1, 4), jnp.int32)
+    params = _init(model, dummy, dummy)
+    enc = _encoder_batch()
+    ref = _free_running_uncached(model, params, enc)
+    np.testing.assert_array_equal(_greedy(model, params, {"encoder_input_tokens": enc}, stop_token_ids=()), ref)
+    assert len({tuple(r) for r in ref}) > 1
+
+
 def test_bfloat16_decoding_casts_weights_once_and_keeps_the_outputs():
     """With a bfloat16 compute dtype, generate() casts kernels/embeddings to bfloat16 before its loop (half the
     bytes per step); the layers cast them anyway, so greedy outputs equal uncached bf16 decoding."""

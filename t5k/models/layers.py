@@ -325,14 +325,13 @@ def rotary_embedding(x: Array, positions: Array, base: float) -> Array:
 
 
 class KeyValueCache(nn.Module):
-    """One attention layer's keys and values in the "cache" collection, `[batch, slots, heads, kv]` (CACHE_AXES).
+    """One attention layer's keys and values in the "cache" collection.
 
-    `length=None` (cross-attention): `project()` runs only on the call that creates the cache; its keys and
-    values are stored as `[batch, heads, kv, length]` and `[batch, heads, length, kv]` (CROSS_KEY_AXES,
-    CROSS_VALUE_AXES, the layouts `kernels.cross_attention_step` reads without a copy) and returned so by every
-    call. `length=L` (self-attention): every call
-    writes `project()`'s `[batch, q_len, heads, kv]` keys and values at `positions` `[batch, q_len]` (slot p
-    holds position p) and returns all L slots.
+    `length=L` (self-attention): every call writes `project()`'s `[batch, q_len, heads, kv]` keys and values at
+    `positions` `[batch, q_len]` (slot p holds position p) and returns all L slots. `length=None`
+    (cross-attention): `project()` runs only on the call that creates the cache; its keys and values are stored
+    as `[batch, heads, kv, length]` and `[batch, heads, length, kv]` (CROSS_KEY_AXES, CROSS_VALUE_AXES: the
+    layouts `kernels.cross_attention_step` reads without a copy) and returned so by every call.
     """
 
     length: Optional[int] = None
@@ -437,6 +436,12 @@ class MultiHeadAttention(nn.Module):
             return (self.query(inputs_q),) + fused_dense([self.key, self.value], inputs_kv)
         return self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
 
+    def _scale(self, query: Array) -> Array:
+        """GPT's run-time 1/sqrt(head_dim) logit scaling (T5 folds it into the query initializer)."""
+        if not self.config.scale_attention_logits:
+            return query
+        return query * jnp.asarray(self.config.head_dim**-0.5, query.dtype)
+
     def __call__(
         self,
         inputs_q: Array,  # [batch, q_len, embed]
@@ -447,27 +452,24 @@ class MultiHeadAttention(nn.Module):
         key_positions: Optional[Array] = None,  # [batch, k_len], rotary only
     ) -> Array:
         cfg = self.config
+        biases = bias if isinstance(bias, tuple) else (bias,)
         if self.decode and not self.is_self_attention:
-            query = constrain(self.query(inputs_q), "batch", "length", "heads", "kv")
-            key, value = self.kv_cache(lambda: self.project_kv(inputs_kv))  # [b, heads, kv, len], [b, heads, len, kv]
-            biases = bias if isinstance(bias, tuple) else (bias,)
-            out = kernels.cross_attention_step(query, key, value.astype(query.dtype), biases)
+            query = self._scale(constrain(self.query(inputs_q), "batch", "length", "heads", "kv"))
+            key_t, value = self.kv_cache(lambda: self.project_kv(inputs_kv))  # [b, heads, kv, len], [b, heads, len, kv]
+            out = kernels.cross_attention_step(query, key_t, value, biases)
             return self.out(constrain(out, "batch", "length", "heads", "kv"))
-        else:
-            query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
+        query, key, value = self.project_qkv(inputs_q, inputs_kv)  # [batch, len, heads, kv]
         query = constrain(query, "batch", "length", "heads", "kv")
         key = constrain(key, "batch", "length", "heads", "kv")
         value = constrain(value, "batch", "length", "heads", "kv")
         if cfg.position_embedding == "rotary":
             query = rotary_embedding(query, query_positions, cfg.rotary_base)
             key = rotary_embedding(key, key_positions, cfg.rotary_base)
-        if self.decode and self.is_self_attention:
+        if self.decode:
             if key_positions is None:
                 raise ValueError(f"{self.name}: cached self-attention needs the query/key positions")
             key, value = self.kv_cache(lambda: (key, value), key_positions)
-        if cfg.scale_attention_logits:
-            query = query * jnp.asarray(cfg.head_dim**-0.5, query.dtype)
-        biases = bias if isinstance(bias, tuple) else (bias,)
+        query = self._scale(query)
         keep = None
         if not deterministic and cfg.dropout_rate > 0.0:
             keep_rate = 1.0 - cfg.dropout_rate
