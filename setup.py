@@ -35,15 +35,24 @@ TEST_REQUIRES = HF_REQUIRES + [
     "ipykernel>=7.4,<8",
 ]
 
+# Data folders (the shipped vocabulary, the embedded corpora) are listed as namespace packages so that their files
+# ship as package data; setuptools warns about importable folders missing from `packages`.
+_NOT_CACHES = ["*__pycache__*"]
+DATA_PACKAGES = setuptools.find_namespace_packages(include=["t5k.data", "t5k.data.*"], exclude=_NOT_CACHES) + [
+    f"t5k_tasks.{pkg}" for pkg in setuptools.find_namespace_packages(where="tasks", include=["data", "data.*"], exclude=_NOT_CACHES)
+]
+PACKAGES = setuptools.find_packages(include=["t5k", "t5k.*"]) + ["t5k_tasks"] + DATA_PACKAGES
+
+
 setuptools.setup(
     name="t5k",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11,<3.14",
-    packages=setuptools.find_packages(include=["t5k", "t5k.*"]) + ["t5k_tasks"],
+    packages=PACKAGES,
     # The `tasks/` folder is importable as `t5k_tasks`: a top-level `tasks` package would collide.
     package_dir={"t5k_tasks": "tasks"},
-    package_data={"t5k": ["data/**/*"], "t5k_tasks": ["data/**/*", "NOTICE*"]},
+    package_data={**{pkg: ["*"] for pkg in DATA_PACKAGES}, "t5k_tasks": ["NOTICE*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
