@@ -88,13 +88,16 @@ def _start_decoder_only(model: DecoderOnly, params, batch, decode_length: int) -
     """Writes the padded prompts into a fresh cache; the first step re-feeds each prompt's last token.
 
     Slots at or after a row's last prompt token may hold padding; the steps rewrite them before any query
-    can see them (a query at position p sees slots 0..p only).
+    can see them (a query at position p sees slots 0..p only). A prefix LM (`config.prefix_lm`) writes its
+    prompt with the prompt attending to itself bidirectionally, as in training; re-feeding the last prompt token
+    then changes nothing, since it sees the whole prompt either way.
     """
     prompt, lengths = batch["prompt_tokens"], batch["prompt_lengths"]  # [batch, prompt_len], [batch]
     positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+    prefix = (positions < lengths[:, None]).astype(jnp.int32) if model.config.prefix_lm else None
     _, variables = model.apply(
-        {"params": params}, prompt, decoder_positions=positions, decode=True, decode_length=decode_length,
-        mutable=["cache"],
+        {"params": params}, prompt, decoder_positions=positions, decoder_causal_attention=prefix, decode=True,
+        decode_length=decode_length, mutable=["cache"],
     )
     return Start(
         cache=nn.unbox(variables["cache"]), cache_axes=_batch_axes(variables["cache"]), context={},

@@ -5,11 +5,13 @@ The unit is a (context, continuation) pair of token-id lists; only the continuat
 * Encoder-decoder: the context is the encoder input, the continuation is the decoder target (decoder input =
   the target shifted right behind T5's BOS id 0), exactly the layout `t5k train` learns from.
 * Decoder-only: one sequence `context + continuation`, shifted right behind id 0 as seqio's
-  DecoderFeatureConverter does; the loss weights are 1 on the continuation's positions only.
+  DecoderFeatureConverter does; the loss weights are 1 on the continuation's positions only. A prefix LM
+  (`TransformerConfig.prefix_lm`) also gets `decoder_causal_attention` on id 0 and the context, seqio's PrefixLM
+  layout: the context attends to itself bidirectionally, as in training.
 
 Batches are right-padded to a length bucket (a power of two, at least 8) and to a fixed number of rows, so a
-whole evaluation compiles a handful of programs. Padding never changes a score: the decoder is causal, padded
-encoder keys are masked, and padded positions carry weight 0.
+whole evaluation compiles a handful of programs. Padding never changes a score: the decoder is causal after the
+context, padded encoder keys are masked, and padded positions carry weight 0.
 
 Rank classification (HyperCLOVA's multiple-choice scoring) scores every candidate completion of a prompt and
 returns both the argmax of the summed log-likelihood and of the length-normalised (per-token) one: the sum
@@ -111,14 +113,19 @@ def make_batch(model, contexts: Sequence[TokenIds], continuations: Sequence[Toke
     weights = np.zeros(targets.shape, np.float32)
     for i, (context, continuation) in enumerate(zip(contexts, continuations)):
         weights[i, len(context): len(context) + len(continuation)] = 1.0
-    return {"decoder_input_tokens": _shift_right(targets), "decoder_target_tokens": targets,
-            "decoder_loss_weights": weights}
+    batch = {"decoder_input_tokens": _shift_right(targets), "decoder_target_tokens": targets,
+             "decoder_loss_weights": weights}
+    if model.config.prefix_lm:
+        # Decoder input position p holds target p-1: positions 0..len(context) are id 0 and the context.
+        context_lengths = np.asarray([len(c) for c in contexts])
+        batch["decoder_causal_attention"] = (np.arange(length)[None, :] <= context_lengths[:, None]).astype(np.int32)
+    return batch
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _score_batch(model, params, batch):
     """Summed continuation log-probs and scored-token counts of one padded batch: `[rows]`, `[rows]`."""
-    kind = "encoder_decoder" if _is_encoder_decoder(model) else "decoder"
+    kind = "encoder_decoder" if _is_encoder_decoder(model) else "prefix_lm" if model.config.prefix_lm else "decoder"
     logits = model.apply({"params": params}, **feature_converters.model_kwargs(batch, kind))  # [rows, len, vocab]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     targets = batch["decoder_target_tokens"]

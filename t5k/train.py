@@ -46,7 +46,8 @@ def train(
 
     The mesh comes from `create_mesh.*` bindings (gin/mesh/*.gin), the rules from `logical_axis_rules.*`, the
     optimizer from `make_optimizer.*`; `schedule` defaults to T5's `rsqrt_schedule()`. `model_type` picks the
-    feature converter ('encoder_decoder' | 'decoder' | 'prefix_lm'; default from the model).
+    feature converter ('encoder_decoder' | 'decoder' | 'prefix_lm'; default from the model, see
+    `default_model_type`).
     `peak_flops_per_s` (per device) is the MFU denominator; None measures it with a float32 matmul probe on the
     first device (right for a CPU; give the datasheet figure on GPU/TPU). See `t5k.throughput`.
     Every `eval_every` steps: loss and token accuracy on `eval_batches` validation batches, and the seqio metrics
@@ -65,7 +66,8 @@ def train(
     optimizer = optim.make_optimizer(schedule=schedule, param_axes=trainer.param_axes(model))
     loss_config = trainer.LossConfig()
     # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
-    model_type = model_type or ("encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder")
+    model_type = model_type or default_model_type(model)
+    check_model_type(model, model_type)
     from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
 
     if mixture_or_task_name not in _registered_names():
@@ -135,6 +137,25 @@ def train(
             show_predictions(model, state.params, mixture_or_task_name, task_feature_lengths, predict_examples,
                              predict_length, seed)
     return last
+
+
+def default_model_type(model) -> str:
+    """The feature converter a model learns from: 'encoder_decoder', or for a decoder-only model 'prefix_lm'
+    when its config says it is a prefix LM (`TransformerConfig.prefix_lm`) and 'decoder' otherwise."""
+    if isinstance(model, EncoderDecoder):
+        return "encoder_decoder"
+    return "prefix_lm" if model.config.prefix_lm else "decoder"
+
+
+def check_model_type(model, model_type: str) -> None:
+    """Refuses a decoder-only feature converter that disagrees with `TransformerConfig.prefix_lm`: inference
+    reads the prompt the way the config says, so a model trained otherwise would be decoded wrongly."""
+    if isinstance(model, EncoderDecoder) or model_type not in ("decoder", "prefix_lm"):
+        return
+    if (model_type == "prefix_lm") != model.config.prefix_lm:
+        raise ValueError(f"train.model_type = {model_type!r} but TransformerConfig.prefix_lm = {model.config.prefix_lm}: "
+                         f"bind TransformerConfig.prefix_lm = {model_type == 'prefix_lm'} (inference reads the prompt "
+                         f"{'bidirectionally' if model_type == 'prefix_lm' else 'causally'} only when they agree)")
 
 
 def evaluate(model, params, mesh, rules, name, lengths, batch_size, num_batches, model_type, pack, seed):

@@ -150,6 +150,45 @@ def test_cached_greedy_equals_uncached_decoder_only_padded():
     assert len({tuple(r) for r in ref}) == 3
 
 
+def _uncached_prefix_lm_greedy(model, params, prompt, length, n, eos=1):
+    """Reference for a prefix LM: full forward passes with seqio's PrefixLM mask on the prompt."""
+    apply = jax.jit(lambda p, x, c: model.apply({"params": p}, x, decoder_causal_attention=c))
+    width = len(prompt) + n
+    prefix = (np.arange(width) < length).astype(np.int32)[None]
+    seq, out = list(prompt[:length]), []
+    for _ in range(n):
+        buffer = np.zeros((1, width), np.int32)
+        buffer[0, : len(seq)] = seq
+        token = int(np.argmax(np.asarray(apply(params, jnp.asarray(buffer), jnp.asarray(prefix)))[0, len(seq) - 1]))
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out + [0] * (n - len(out))
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_prefix_lm_decoding_reads_the_prompt_bidirectionally(method):
+    """`prefix_lm=True`: the cached prefill lets the prompt attend to itself (T5.1.1 block, relative positions),
+    so cached greedy equals uncached greedy under the PrefixLM mask, and beam width 1 equals it too; the same
+    weights read causally decode differently."""
+    config = dict(TINY, num_encoder_layers=0, prefix_lm=True)
+    model = DecoderOnly(TransformerConfig(**config))
+    params = _livelier(_init(model, jnp.ones((1, 4), jnp.int32)), 5)
+    prompt, lengths = _prompts()
+    batch = {"prompt_tokens": prompt, "prompt_lengths": lengths}
+    ref = np.array([_uncached_prefix_lm_greedy(model, params, p, n, N) for p, n in zip(prompt, lengths)])
+    decode_config = decoding.DecodeConfig(method=method, num_beams=1, max_new_tokens=N)
+    np.testing.assert_array_equal(np.asarray(decoding.generate(model, params, batch, decode_config).tokens[:, 0]), ref)
+    causal = DecoderOnly(TransformerConfig(**dict(config, prefix_lm=False)))
+    assert not np.array_equal(_greedy(causal, params, batch), ref)
+
+
+def test_prefix_lm_is_refused_for_an_encoder_decoder():
+    with pytest.raises(ValueError, match="prefix_lm is for decoder-only"):
+        _init(EncoderDecoder(TransformerConfig(**TINY, prefix_lm=True)), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+
+
 def test_prompt_lengths_default_to_the_last_nonzero_id():
     model, params = _decoder_only()
     prompt, lengths = _prompts()

@@ -84,6 +84,30 @@ def test_scores_equal_independent_log_softmax(architecture):
     assert np.all(scores.log_likelihood < 0)
 
 
+def test_prefix_lm_scores_read_the_context_bidirectionally():
+    """A prefix LM scores with seqio's PrefixLM mask (id 0 and the context attend to each other), equal to an
+    independent forward with that `decoder_causal_attention`; the causal reading of the same weights differs."""
+    causal_model = DecoderOnly(TransformerConfig(**{**TINY, "num_encoder_layers": 0}))
+    prefix_model = DecoderOnly(TransformerConfig(**{**TINY, "num_encoder_layers": 0, "prefix_lm": True}))
+    params = _init(prefix_model)
+    contexts, continuations = _pairs(seed=2)
+    sequences = [c + t for c, t in zip(contexts, continuations)]
+    inputs = _padded([[0] + s[:-1] for s in sequences], 19)
+    prefix = (np.arange(19)[None, :] <= np.array([len(c) for c in contexts])[:, None]).astype(np.int32)
+    jitted = jax.jit(lambda p, x, c: prefix_model.apply({"params": p}, x, decoder_causal_attention=c))
+    log_probs = _np_log_softmax(jitted.lower(params, inputs, prefix).compile(compiler_options=FAST)(params, inputs, prefix))
+    expected = [sum(log_probs[row, len(context) + i, t] for i, t in enumerate(continuation))
+                for row, (context, continuation) in enumerate(zip(contexts, continuations))]
+    scores = scoring.score(prefix_model, params, contexts, continuations, batch_size=4)
+    np.testing.assert_allclose(scores.log_likelihood, expected, rtol=1e-5, atol=1e-5)
+    causal = scoring.score(causal_model, params, contexts, continuations, batch_size=4)
+    np.testing.assert_allclose(causal.log_likelihood, _reference_decoder_only(causal_model, params, contexts, continuations),
+                               rtol=1e-5, atol=1e-5)
+    multi_token_contexts = [i for i, c in enumerate(contexts) if len(c) > 1]
+    assert multi_token_contexts and not np.allclose(scores.log_likelihood[multi_token_contexts],
+                                                    causal.log_likelihood[multi_token_contexts], atol=1e-3)
+
+
 # ---- a decoder-only model whose next-token distribution is P at every position, whatever the input
 
 

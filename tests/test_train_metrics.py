@@ -92,3 +92,18 @@ def test_task_metrics_are_logged_from_greedy_predictions(copy_task, tmp_path):
     assert evaluation[0][f"eval_{TASK}/prediction_chars"] == pytest.approx(np.mean([len(p) for p in predictions]))
     assert evaluation[0][f"eval_{TASK}/exact_match"] == pytest.approx(
         np.mean([p == w for p, w in zip(predictions, WORDS)]))
+
+
+def test_decoder_only_feature_converter_follows_the_prefix_lm_switch():
+    """`train` learns a decoder-only model from the PrefixLM layout exactly when its config says prefix LM (the
+    switch inference reads), and refuses a model_type that contradicts it."""
+    from t5k.models import DecoderOnly, EncoderDecoder, TransformerConfig
+
+    causal, prefix = DecoderOnly(TransformerConfig()), DecoderOnly(TransformerConfig(prefix_lm=True))
+    assert train.default_model_type(causal) == "decoder" and train.default_model_type(prefix) == "prefix_lm"
+    assert train.default_model_type(EncoderDecoder(TransformerConfig())) == "encoder_decoder"
+    train.check_model_type(prefix, "prefix_lm")
+    with pytest.raises(ValueError, match="bind TransformerConfig.prefix_lm = True"):
+        train.check_model_type(causal, "prefix_lm")
+    with pytest.raises(ValueError, match="bind TransformerConfig.prefix_lm = False"):
+        train.check_model_type(prefix, "decoder")

@@ -52,6 +52,10 @@ class TransformerConfig:
     rotary_base: float = 10000.0
     scale_attention_logits: bool = False
     tie_embeddings: bool = False
+    # Decoder-only models trained as prefix LMs (seqio's PrefixLM layout, `decoder_causal_attention`): inference
+    # (cached generation, scoring) lets the prompt -- the start id 0 and the inputs -- attend to itself
+    # bidirectionally, as training did. `t5k train` picks the 'prefix_lm' feature converter from it.
+    prefix_lm: bool = False
     embedding_stddev: float = 1.0  # T5 initialises embeddings with stddev 1, GPT with 0.02
     shared_encoder_decoder: bool = False  # the T5 paper's "encoder-decoder, shared" row
     scan_layers: bool = False

@@ -46,7 +46,7 @@ class DecoderOnly(nn.Module):
         if decode:  # validates the decoding inputs before anything reads them
             bias = cached_self_attention_bias(
                 cfg, decoder_positions, decode_length,
-                decoder_segment_ids=decoder_segment_ids, decoder_causal_attention=decoder_causal_attention,
+                decoder_causal_attention=decoder_causal_attention, decoder_segment_ids=decoder_segment_ids,
             )
         init = nn.initializers.normal(stddev=cfg.embedding_stddev)
         embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, embedding_init=init, name="token_embedder")

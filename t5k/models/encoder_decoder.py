@@ -139,6 +139,9 @@ class EncoderDecoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name="token_embedder")
+        if cfg.prefix_lm:
+            raise ValueError("TransformerConfig.prefix_lm is for decoder-only models; an encoder-decoder's inputs "
+                             "are already read bidirectionally by its encoder")
         shared = None
         if cfg.shared_encoder_decoder:
             if cfg.num_encoder_layers != cfg.num_decoder_layers:

@@ -560,5 +560,17 @@ def cached_causal_mask(positions: Array, decode_length: int) -> Array:
     return (jnp.arange(decode_length)[None, None, :] <= positions[:, :, None])[:, None]
 
 
+def cached_prefix_mask(causal_attention: Array, decode_length: int) -> Array:
+    """`[batch, 1, q_len, decode_length]`: True where a prefix query meets a prefix slot (a prefix LM's prefill).
+
+    `causal_attention` `[batch, q_len]` is 1 on the queries of the prefix, a leading block of positions 0..n-1
+    (seqio's PrefixLM layout), so slot i (position i) belongs to the prefix exactly when i < n.
+    """
+    prefix = causal_attention.astype(bool)  # [batch, q]
+    prefix_length = jnp.sum(prefix, axis=1)  # [batch]
+    slot_in_prefix = jnp.arange(decode_length)[None, :] < prefix_length[:, None]  # [batch, decode_length]
+    return (prefix[:, :, None] & slot_in_prefix[:, None, :])[:, None]
+
+
 def mask_to_bias(mask: Array) -> Array:
     return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)

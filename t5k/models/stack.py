@@ -122,19 +122,29 @@ def apply_layer_stack(
 
 
 def cached_self_attention_bias(
-    config: TransformerConfig, positions: Optional[Array], decode_length: Optional[int], **unsupported
+    config: TransformerConfig,
+    positions: Optional[Array],
+    decode_length: Optional[int],
+    decoder_causal_attention: Optional[Array] = None,
+    **unsupported,
 ) -> Array:
     """Self-attention bias `[batch, 1 or heads, q_len, decode_length]` of a cached decoding call.
 
     Call inside the decoder's compact method (it creates the stack's `relpos_bias` when positions are relative).
-    `unsupported` names inputs that cached decoding does not take (packing, prefix-LM masks); they must be None.
+    `decoder_causal_attention` `[batch, q_len]` (a prefix LM's prompt, 1 on a leading block of positions) opens
+    the mask among the prefix's slots, as `layers.prefix_lm_mask` does in training; it belongs to the call that
+    writes the whole prefix (the prefill), since a prefix query must see the prefix keys after it.
+    `unsupported` names inputs that cached decoding does not take (packing); they must be None.
     """
     given = sorted(name for name, value in unsupported.items() if value is not None)
     if given:
         raise ValueError(f"cached decoding (decode=True) does not support {given}")
     if positions is None or decode_length is None:
         raise ValueError("cached decoding (decode=True) needs decoder_positions [batch, q_len] and decode_length")
-    bias = layers.mask_to_bias(layers.cached_causal_mask(positions, decode_length))  # [batch, 1, q, decode_length]
+    mask = layers.cached_causal_mask(positions, decode_length)  # [batch, 1, q, decode_length]
+    if decoder_causal_attention is not None:
+        mask = mask | layers.cached_prefix_mask(decoder_causal_attention, decode_length)
+    bias = layers.mask_to_bias(mask)
     if config.position_embedding == "relative":
         bias = bias + layers.RelativePositionBiases(
             config.relative_attention_num_buckets, config.relative_attention_max_distance, config.num_heads,
