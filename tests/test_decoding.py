@@ -114,6 +114,19 @@ def test_cached_greedy_equals_uncached_encoder_decoder(scan):
     assert len({tuple(r) for r in ref}) == 3 and (ref == 0).any()
 
 
+def test_cached_greedy_equals_uncached_shared_encoder_decoder():
+    """The T5 paper's "encoder-decoder, shared" row: one stack of layers serves the encoder (uncached) and the
+    cached decoder; cached greedy equals uncached greedy."""
+    model = EncoderDecoder(TransformerConfig(**dict(TINY, num_encoder_layers=2, shared_encoder_decoder=True)))
+    dummy = jnp.ones((1, 4), jnp.int32)
+    params = _livelier(_init(model, dummy, dummy), 4)
+    assert "layers_0" in params and "layers_0" not in params["decoder"]  # one shared stack
+    enc = _encoder_batch()
+    ref = _free_running_uncached(model, params, enc)
+    np.testing.assert_array_equal(_greedy(model, params, {"encoder_input_tokens": enc}, stop_token_ids=()), ref)
+    assert len({tuple(r) for r in ref}) > 1
+
+
 def test_cached_greedy_equals_uncached_with_run_time_logit_scaling():
     """An encoder-decoder that scales attention logits at run time (GPT-style) decodes the same with the cache:
     the cached cross-attention step applies the scaling too."""

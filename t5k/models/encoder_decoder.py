@@ -50,9 +50,9 @@ def _relative_bias(config: TransformerConfig, length: int, bidirectional: bool) 
     )(arange, arange)
 
 
-def _run_shared_layers(shared_layers, x, *args, deterministic):
+def _run_shared_layers(shared_layers, x, *args, deterministic, **decoding):
     for layer in shared_layers:
-        x = layer(x, *args, deterministic)
+        x = layer(x, *args, deterministic, **decoding)
     return x
 
 
@@ -102,8 +102,6 @@ class Decoder(nn.Module):
         x = _embed(cfg, self.token_embedder, tokens, deterministic)
         cross_mask = layers.key_padding_mask(encoder_tokens)
         if decode:
-            if self.shared_layers is not None:
-                raise ValueError("cached decoding is not implemented for shared_encoder_decoder")
             self_bias = cached_self_attention_bias(cfg, positions, decode_length, decoder_segment_ids=segment_ids)
         else:
             positions = _default_positions(tokens) if positions is None else positions
@@ -117,7 +115,8 @@ class Decoder(nn.Module):
         cross_bias = layers.mask_to_bias(cross_mask)
         args = (self_bias, positions, encoded, cross_bias)
         if self.shared_layers is not None:
-            x = _run_shared_layers(self.shared_layers, x, *args, deterministic=deterministic)
+            x = _run_shared_layers(self.shared_layers, x, *args, deterministic=deterministic, decode=decode,
+                                   decode_length=decode_length)
         else:
             x = apply_layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, x, *args, deterministic=deterministic,
                                   decode=decode, decode_length=decode_length)

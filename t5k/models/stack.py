@@ -68,17 +68,24 @@ class DecoderLayer(nn.Module):
         encoded: Optional[Array],  # [batch, enc_length, embed]
         cross_bias: Optional[Array],  # [batch, 1, length, enc_length]
         deterministic: bool,
+        *,
+        decode: Optional[bool] = None,
+        decode_length: Optional[int] = None,
     ):
+        # `decode` / `decode_length` given at call time override the attributes: the layers a shared
+        # encoder-decoder builds once serve both the encoder (no cache) and the cached decoder.
+        decode = self.decode if decode is None else decode
+        decode_length = self.decode_length if decode_length is None else decode_length
         cfg = self.config
         dropout = nn.Dropout(rate=cfg.dropout_rate)
         h = make_norm(cfg, "pre_self_attention_norm")(x)
-        h = MultiHeadAttention(cfg, decode=self.decode, decode_length=self.decode_length, name="self_attention")(
+        h = MultiHeadAttention(cfg, decode=decode, decode_length=decode_length, name="self_attention")(
             h, h, self_bias, deterministic, positions, positions
         )
         x = x + dropout(h, deterministic=deterministic)
         if self.cross_attention and encoded is not None:  # None: an encoder pass through a shared stack
             h = make_norm(cfg, "pre_cross_attention_norm")(x)
-            h = MultiHeadAttention(cfg, is_self_attention=False, decode=self.decode, name="encoder_decoder_attention")(
+            h = MultiHeadAttention(cfg, is_self_attention=False, decode=decode, name="encoder_decoder_attention")(
                 h, encoded, cross_bias, deterministic
             )
             x = x + dropout(h, deterministic=deterministic)
