@@ -163,11 +163,14 @@ def scale_by_adafactor(
 
     def init_leaf(path, p):
         plan = factoring(path, p.shape)
-        placeholder = jnp.zeros((1,) * p.ndim, state_dtype)
+
+        def placeholder():  # a fresh buffer per slot: state built outside jit must be donatable leaf by leaf
+            return jnp.zeros((1,) * p.ndim, state_dtype)
+
         if not plan.factored:
-            return placeholder, placeholder, jnp.zeros(p.shape, state_dtype)
+            return placeholder(), placeholder(), jnp.zeros(p.shape, state_dtype)
         return (jnp.zeros(_reduced(p.shape, plan.columns), state_dtype),
-                jnp.zeros(_reduced(p.shape, plan.rows), state_dtype), placeholder)
+                jnp.zeros(_reduced(p.shape, plan.rows), state_dtype), placeholder())
 
     def init(params):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(params)

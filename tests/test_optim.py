@@ -205,3 +205,25 @@ def test_trainable_mask_freezes_parameters():
     state = tx.init(params)
     updates, _ = tx.update({"lora": jnp.ones(3), "base": jnp.ones(3)}, state, params)
     assert np.all(np.asarray(updates["base"]) == 0) and np.all(np.asarray(updates["lora"]) != 0)
+
+
+def test_eager_init_state_can_be_donated():
+    """An Adafactor state built outside jit (a notebook's `tx.init(params)`) holds one buffer per leaf, so a train
+    step that donates it works: no "donate the same buffer twice" from leaves sharing a placeholder."""
+    tx = optim.adafactor(learning_rate=optim.constant_schedule(0.01))
+    params = {"matrix": jnp.ones((256, 160)), "bias": jnp.ones((4,)), "small": jnp.ones((4, 100))}
+    state = tx.init(params)
+    leaves = jax.tree_util.tree_leaves(state)
+    assert len({id(x) for x in leaves}) == len(leaves)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    step_donating = jax.jit(step, donate_argnums=(0, 1))
+    expected_params, _ = step(params, state)
+    new_params, new_state = step_donating(params, state)
+    for a, b in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(expected_params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(new_state.count) == 1
