@@ -3,6 +3,7 @@
   python bench/decode.py                       # batch 8, inputs 512, 64 new tokens, greedy and top-p
   python bench/decode.py --quick               # tiny model and shapes: a smoke run of every code path
   python bench/decode.py --runs 5 --cases t5k_fp32,torch_ftz
+  python bench/decode.py --runs 3 --rounds 2    # the cases twice, forward then backward (cancels drift)
 
 Cases (each in its own subprocess, so thread pools and denormal modes never leak between them):
 
@@ -16,7 +17,10 @@ same random 512-token inputs (no padding); the bf16 cases cast their weights onc
 (`decoding.params_for_decoding` / `model.to(torch.bfloat16)`). Every case generates exactly `--new` tokens per
 row (min_new_tokens = max_new_tokens on both sides, so EOS never ends a row early): greedy, and nucleus
 sampling with top_p 0.9 (top_k off, temperature 1). The time of a call covers encoding the inputs and the whole generation loop; the
-first call (compilation, caches) is excluded, the figure is the median of `--runs` calls. tokens/s counts new
+first call (compilation, caches) is excluded, the figure is the median of `--runs` calls. With `--rounds R` the whole
+sequence of cases runs R times, every other round in reverse order, and the median is taken over all R * runs calls
+of a case: this machine's speed drifts over minutes, and a case measured only at the start of a run against one
+measured only at its end would carry that drift into their ratio. tokens/s counts new
 tokens: batch * new / time. "cpu s" is the process CPU time of a call (all threads). The last line of output is
 one JSON object with every figure, including t5k / PyTorch ratios against both PyTorch configurations.
 """
@@ -109,7 +113,9 @@ def worker_t5k(args):
         t0 = time.perf_counter()
         tokens = np.asarray(decoding.generate(model, params, batch, decode_config, seeds).tokens)
         out[f"{method}_first_call_s"] = time.perf_counter() - t0
-        assert tokens.shape == (args.batch, 1, args.new) and (tokens > 0).all()
+        # min_new_tokens = max_new_tokens masks EOS until the last step, so no row ends early (a 0 after a stop
+        # would be indistinguishable from the pad id 0, which a random model may well pick).
+        assert tokens.shape == (args.batch, 1, args.new) and not (tokens == 1).any(), tokens
         if method == "greedy":
             out["greedy_tokens"] = tokens[:, 0].tolist()
         walls, cpus = _time_calls(
@@ -165,6 +171,15 @@ WORKERS = {"init": worker_init, "t5k_fp32": worker_t5k, "t5k_bf16": worker_t5k, 
            "torch_ftz": worker_torch, "torch_ftz_bf16": worker_torch}
 
 
+def pool_rounds(rounds):
+    """One case's worker results from several rounds -> one result whose timing lists hold every round's calls."""
+    pooled = dict(rounds[0])
+    for key in pooled:
+        if key.endswith(("_times", "_cpu")):
+            pooled[key] = [value for r in rounds for value in r[key]]
+    return pooled
+
+
 def run_worker(case, args, params_file):
     cmd = [sys.executable, __file__, "--worker", case, "--params-file", params_file, "--batch", str(args.batch),
            "--inputs", str(args.inputs), "--new", str(args.new), "--runs", str(args.runs)] + ["--quick"] * args.quick
@@ -186,6 +201,8 @@ def main(argv=None):
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--runs", type=int, default=3, help="timed calls per case and method (median reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the cases this many times, alternating forward and backward order; medians pool all rounds")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {ALL_CASES}")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (smoke run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -207,7 +224,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         params_file = os.path.join(tmp, "params.npz")
         info = run_worker("init", args, params_file)
-        results = {c: run_worker(c, args, params_file) for c in cases}
+        results = {}
+        for round_index in range(args.rounds):
+            for case in cases if round_index % 2 == 0 else cases[::-1]:
+                results.setdefault(case, []).append(run_worker(case, args, params_file))
+        results = {case: pool_rounds(rounds) for case, rounds in results.items()}
     load_after = os.getloadavg()
 
     new_tokens = args.batch * args.new
@@ -254,7 +275,7 @@ def main(argv=None):
           + "; same dtype: " + ", ".join(f"{k} {v}" for k, v in same_dtype.items()))
     record = dict(
         benchmark="decode", quick=args.quick, batch=args.batch, inputs=args.inputs, new_tokens=args.new,
-        runs=args.runs, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
+        runs=args.runs, rounds=args.rounds, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
         load_avg_after=load_after[0], cpus=os.cpu_count(), results=summary, greedy_token_agreement=agree,
         best_t5k_vs_torch_ftz=vs_ftz, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
     )
