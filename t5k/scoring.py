@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5k import feature_converters
+from t5k import trainer
 from t5k.models import EncoderDecoder
 
 TokenIds = Sequence[int]
@@ -125,8 +125,7 @@ def make_batch(model, contexts: Sequence[TokenIds], continuations: Sequence[Toke
 @functools.partial(jax.jit, static_argnums=0)
 def _score_batch(model, params, batch):
     """Summed continuation log-probs and scored-token counts of one padded batch: `[rows]`, `[rows]`."""
-    kind = "encoder_decoder" if _is_encoder_decoder(model) else "prefix_lm" if model.config.prefix_lm else "decoder"
-    logits = model.apply({"params": params}, **feature_converters.model_kwargs(batch, kind))  # [rows, len, vocab]
+    logits = model.apply({"params": params}, **trainer.model_inputs(model, batch))  # [rows, len, vocab]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     targets = batch["decoder_target_tokens"]
     token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [rows, len]

@@ -193,7 +193,7 @@ class BPEVocabulary(seqio.Vocabulary):
             pieces = self._splitter.split_runs(runs)
         cache = self._piece_ids
         new = {q for ps in pieces for q in ps if q not in cache}
-        tokenize = self.tokenizer.model.tokenize if new else None
+        tokenize = self.tokenizer.model.tokenize
         fresh = {q: tuple(t.id for t in tokenize(self._model_text(q))) if q else () for q in new}
         out = [tuple(i for q in ps for i in (fresh[q] if q in fresh else cache[q])) for ps in pieces]
         if len(cache) > _ID_CACHE_LIMIT:  # swapped, not cleared, like the id cache (see encode_batch)
