@@ -1,0 +1,87 @@
+"""The shipped gin files compose as documented: an objective file after a run file switches what `t5k train`
+trains on; the fine-tuning and DialogCT5 adaptation runs carry their papers' settings and a checkpoint to start from."""
+
+import glob
+import os
+
+import gin
+import pytest
+import seqio
+
+from t5k import gin_utils, optim, train
+from t5k.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBJECTIVES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "gin/objectives/*.gin")))
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _binding(name):
+    """The value bound to `name`, through a macro if it names one."""
+    value = gin.query_parameter(name)
+    return gin.query_parameter(str(value)) if str(value).startswith("%") else value
+
+
+def _train_binding(name):
+    return _binding(f"train.{name}")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_an_objective_file_selects_what_t5k_train_trains_on(objective):
+    """Composed after the run file (model + run + objective), the objective's task and lengths replace the run's,
+    for `t5k train` as for direct `get_batches` calls."""
+    import t5k_tasks  # noqa: F401  (registers the tasks)
+
+    gin_utils.parse_gin(["gin/models/ct5_tiny.gin", "gin/runs/pretrain.gin", objective], [])
+    name = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
+    lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+    assert _train_binding("mixture_or_task_name") == name
+    assert _train_binding("task_feature_lengths") == lengths
+    assert _binding("t5k_tasks.get_batches.mixture_or_task_name") == name
+    assert name in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()), name
+
+
+def test_finetune_run_starts_from_a_checkpoint_with_t5s_recipe():
+    gin_utils.parse_gin(["gin/models/ct5_small.gin", "gin/runs/finetune.gin"],
+                        ["INIT_CHECKPOINT = 'runs/ct5_small'", "MIXTURE_OR_TASK_NAME = 'nsmc'"])
+    assert _train_binding("init_checkpoint") == "runs/ct5_small"
+    assert _train_binding("mixture_or_task_name") == "nsmc"
+    assert build_model().config.dropout_rate == 0.1  # the run file overrides the model file's 0.0
+    assert _train_binding("schedule").selector == "constant_schedule"
+    schedule = optim.constant_schedule()  # with the run's binding
+    assert [optim.learning_rate_at(schedule, s) for s in (0, 1000, 4000)] == pytest.approx([1e-3] * 3)
+    assert gin.query_parameter("%MODEL_DIR") == "runs/finetune"
+
+
+def test_dialog_adaptation_run_has_the_dialogct5_settings():
+    """Seed 000: batch 64 sessions, Adafactor at a constant 5e-5, no dropout; partial utterance masking whose
+    corruption rate rises over the whole run, one session per row so the curriculum step is the trainer's."""
+    import t5k_tasks  # noqa: F401
+
+    gin_utils.parse_gin(["gin/models/ct5_small.gin", "gin/runs/dialog_adapt.gin"], [])
+    assert _train_binding("mixture_or_task_name") == "ko_dialog_partial_masking_curriculum"
+    assert _train_binding("init_checkpoint") == "runs/pretrain"
+    assert _train_binding("batch_size") == 64 and _train_binding("pack") is False
+    assert build_model().config.dropout_rate == 0.0
+    assert _train_binding("schedule").selector == "constant_schedule"
+    schedule = optim.constant_schedule()
+    assert optim.learning_rate_at(schedule, 0) == optim.learning_rate_at(schedule, 100) == pytest.approx(5e-5)
+    assert _binding("linear_rate.num_steps") == _train_binding("train_steps")
+    assert gin.query_parameter("make_optimizer.optimizer").selector == "adafactor"
+
+
+def test_run_files_bind_only_arguments_of_train():
+    """Every `train.*` binding of the run files is an argument of `train` (gin would only fail at call time)."""
+    import inspect
+
+    arguments = set(inspect.signature(train.train).parameters)
+    for run in ("gin/runs/finetune.gin", "gin/runs/dialog_adapt.gin"):
+        with open(os.path.join(ROOT, run)) as f:
+            bound = {line.split("=")[0].strip()[len("train."):] for line in f if line.startswith("train.")}
+        assert bound and bound <= arguments, (run, bound - arguments)
