@@ -29,12 +29,63 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
     return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose stored tree differs from the state it is restored into; the message names the paths."""
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Any:
-    """Restores `step` (default: the latest) onto the shardings carried by `abstract_state`."""
+    """Restores `step` (default: the latest) onto the shardings carried by `abstract_state`.
+
+    Raises CheckpointMismatchError (see `check_restorable`) when the checkpoint holds another tree."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    check_restorable(_latest_step_dir(str(manager.directory), step), abstract_state)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def check_restorable(item_dir: str, abstract_state: Any, examples: int = 2) -> None:
+    """Compares the leaf paths and shapes stored in `item_dir` with `abstract_state` (metadata only).
+
+    Orbax reports a mismatch as "tree structures do not match" without saying where. This names the leaves
+    missing from the checkpoint, the ones it has beyond the state, and the ones with other shapes, and says which
+    part differs: `params` (the checkpoint was written by another model configuration) or only `opt_state` (by
+    another optimizer, or by a t5k whose optimizer state had another layout), with the way out for each.
+    """
+    stored = {path: tuple(leaf.shape) for path, leaf in _flatten(_read_metadata(item_dir), is_leaf=_is_array).items()
+              if _is_array(leaf)}
+    target = {path: tuple(leaf.shape) for path, leaf in _flatten(abstract_state).items()}
+    missing = [p for p in target if p not in stored]
+    unexpected = [p for p in stored if p not in target]
+    reshaped = [p for p in target if p in stored and stored[p] != target[p]]
+    if not (missing or unexpected or reshaped):
+        return
+    found = []
+    if missing:
+        found.append(f"{len(missing)} leaves of the state are not in it (e.g. {', '.join(missing[:examples])})")
+    if unexpected:
+        found.append(f"it has {len(unexpected)} leaves the state lacks (e.g. {', '.join(unexpected[:examples])})")
+    if reshaped:
+        found.append(f"{len(reshaped)} leaves differ in shape (e.g. "
+                     + ", ".join(f"{p} {stored[p]} in it vs {target[p]}" for p in reshaped[:examples]) + ")")
+    if any(p.split("/", 1)[0] == "params" for p in missing + unexpected + reshaped):
+        cause = "its parameters belong to another model configuration; restore with that configuration"
+    else:
+        cause = ("only the optimizer state differs (another optimizer, or an earlier t5k's optimizer-state layout); "
+                 "to keep the parameters, train in a new model_dir with train.init_checkpoint set to this one")
+    raise CheckpointMismatchError(f"checkpoint {item_dir} does not match this run's state: {'; '.join(found)}. "
+                                  f"{cause[0].upper()}{cause[1:]}")
+
+
+def _is_array(leaf) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def checkpoint_directory(path: str) -> str:
+    """The checkpoint manager directory for `path`: a `t5k train` model_dir's `checkpoints/` subdirectory, or
+    `path` itself (a manager directory or a step directory)."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
 
 
 # ------------------------------------------------------------------------------------------------ partial restore
@@ -116,7 +167,7 @@ def checkpoint_param_shapes(directory: str, step: Optional[int] = None) -> Dict[
 def _read_metadata(item_dir: str) -> Dict[str, Any]:
     from etils import epath
 
-    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.abspath(item_dir)))
     return metadata.tree if hasattr(metadata, "tree") else metadata
 
 
@@ -125,7 +176,7 @@ def _stored_params(item_dir: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
     tree = _read_metadata(item_dir)
     prefix: Tuple[str, ...] = ("params",) if isinstance(tree, Mapping) and "params" in tree else ()
     sub = tree["params"] if prefix else tree
-    flat = _flatten(sub, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    flat = _flatten(sub, is_leaf=_is_array)
     return prefix, {k: v for k, v in flat.items() if hasattr(v, "shape")}
 
 

@@ -8,7 +8,6 @@ smoke tests: every caller labels such results (`LoadedModel.source == "random-in
 
 import argparse
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
@@ -77,13 +76,8 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
                            out_shardings=shardings)
             params, source = init(jax.random.PRNGKey(seed)), RANDOM_INIT
         else:
-            directory = _checkpoint_directory(checkpoint)
+            directory = checkpoints.checkpoint_directory(checkpoint)
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
     return LoadedModel(model, params, mesh, rules, default_vocabulary(), source)
 
-
-def _checkpoint_directory(path: str) -> str:
-    """Accepts a model_dir too: its `checkpoints/` subdirectory is where `t5k train` writes."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -41,6 +41,9 @@ def train(
     schedule: Optional[optim.Schedule] = None,
     model_type: Optional[str] = None,
     peak_flops_per_s: Optional[float] = None,
+    init_checkpoint: Optional[str] = None,
+    init_step: Optional[int] = None,
+    init_assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
 ) -> Dict[str, float]:
     """Trains `build_model()` on a seqio task; returns the last logged scalars.
 
@@ -55,6 +58,11 @@ def train(
     validation examples (0: skip), logged as `eval_{task}/{metric}` (see `task_metrics`).
     Resumes from the latest checkpoint in `model_dir/checkpoints` if there is one: the batch stream restarts at
     the restored step, so the continued run equals an uninterrupted one.
+    Fine-tuning and adaptation (gin/runs/finetune.gin, dialog_adapt.gin): while `model_dir` has no checkpoint,
+    the parameters come from `init_checkpoint` (a model_dir, its `checkpoints/` or a step directory; the newest
+    step unless `init_step`), read onto this run's mesh by `checkpoints.restore_params` with `init_assignment_map`
+    (regex -> source path, or None to keep the fresh value: new or renamed parameters); the step, the optimizer
+    state and the schedule start from zero. Once `model_dir` has checkpoints of its own, resuming from them wins.
     """
     # Everything that can be wrong with the configuration fails here, before any compilation.
     partitioning.initialize_distributed()  # multi-host: before anything asks jax for its devices
@@ -81,6 +89,12 @@ def train(
         if manager.latest_step() is not None:
             state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
             print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)
+        elif init_checkpoint:
+            directory = checkpoints.checkpoint_directory(init_checkpoint)
+            params = initial_params(model, shardings, seed, directory, init_step, init_assignment_map)
+            state = trainer.state_from_params(optimizer, shardings, params)
+            print(f"t5k train: parameters from {directory}" + ("" if init_step is None else f" (step {init_step})")
+                  + ", fresh optimizer state", flush=True)
         else:
             state = trainer.init_state(model, optimizer, shardings, seed)
         start = int(state.step)
@@ -137,6 +151,14 @@ def train(
             show_predictions(model, state.params, mixture_or_task_name, task_feature_lengths, predict_examples,
                              predict_length, seed)
     return last
+
+
+def initial_params(model, shardings, seed, directory, step, assignment_map):
+    """The parameters a fine-tuning run starts from: `directory`'s, restored straight into this run's shardings.
+    With an assignment map, the targets it maps to None keep freshly initialised values (seed `seed`)."""
+    target = trainer.abstract_params(model, shardings.params)
+    fresh = trainer.init_params(model, shardings.params, seed) if assignment_map else None
+    return checkpoints.restore_params(directory, target, step=step, assignment_map=assignment_map, fallback=fresh)
 
 
 def default_model_type(model) -> str:
@@ -229,8 +251,9 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         model_dir = args.model_dir or _macro("MODEL_DIR") or os.path.join("runs", "default")
         last = train(model_dir)
-    except (gin_utils.GinConfigError, ValueError) as e:
-        print(f"t5k train: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() adds quotes
+        print(f"t5k train: {str(message).splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps({k: round(v, 6) for k, v in last.items()}))
     return 0

@@ -170,17 +170,14 @@ def state_shardings(model: nn.Module, optimizer, mesh, rules):
     else (step counts) is replicated. Left to the
     compiler, `optimizer.init`'s zeros would come out fully replicated on every device.
     """
-    boxed = abstract_boxed_params(model)
-    param_shardings = partitioning.param_shardings(boxed, mesh, rules)
-    abstract_params = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unbox_values(boxed), param_shardings
-    )
+    param_shardings = partitioning.param_shardings(abstract_boxed_params(model), mesh, rules)
+    params = abstract_params(model, param_shardings)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
         optimizer,
         lambda leaf, param: _derived_sharding(leaf, param, replicated),
-        jax.eval_shape(optimizer.init, abstract_params),
-        abstract_params,
+        jax.eval_shape(optimizer.init, params),
+        params,
         transform_non_params=lambda _: replicated,
     )
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, skipped=replicated)
@@ -208,17 +205,39 @@ def abstract_state(model, optimizer, shardings: TrainState) -> TrainState:
 
 def init_state_fn(model, optimizer) -> Callable[[jax.Array], TrainState]:
     def init(rng):
-        params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-            skipped=jnp.zeros((), jnp.int32),
-        )
+        return _fresh_state(optimizer, nn.unbox(model.init(rng, *dummy_inputs(model))["params"]))
     return init
+
+
+def _fresh_state(optimizer, params) -> TrainState:
+    """Step 0 around `params`, with the optimizer state `optimizer.init` gives them."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      skipped=jnp.zeros((), jnp.int32))
 
 
 def init_state(model, optimizer, shardings: TrainState, seed: int) -> TrainState:
     """Initialises the state directly into its shardings (no full copy on any one device)."""
     return jax.jit(init_state_fn(model, optimizer), out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def init_params(model, param_shardings, seed: int):
+    """Freshly initialised parameters, directly in their shardings."""
+    init = jax.jit(lambda rng: nn.unbox(model.init(rng, *dummy_inputs(model))["params"]), out_shardings=param_shardings)
+    return init(jax.random.PRNGKey(seed))
+
+
+def abstract_params(model, param_shardings):
+    """`jax.ShapeDtypeStruct`s of the parameters with their shardings: a restore target for `restore_params`."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  unbox_values(abstract_boxed_params(model)), param_shardings)
+
+
+def state_from_params(optimizer, shardings: TrainState, params) -> TrainState:
+    """A step-0 state around given (e.g. pre-trained) parameters with a fresh optimizer state, laid out by
+    `shardings`: how fine-tuning starts. `params` is donated (it becomes the state's parameters)."""
+    build = jax.jit(functools.partial(_fresh_state, optimizer), in_shardings=(shardings.params,),
+                    out_shardings=shardings, donate_argnums=(0,))
+    return build(params)
 
 
 def compile_train_step(model, optimizer, loss_config, shardings: TrainState, batch_shardings, num_microbatches=1):

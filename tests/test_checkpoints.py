@@ -94,6 +94,25 @@ def test_4x2_checkpoint_restores_on_fewer_devices(trained_on_4x2, data, model_ax
     np.testing.assert_allclose(_eval_loss(model, state.params, mesh, rules), saved_loss, rtol=1e-6)
 
 
+@pytest.mark.parametrize("change,expected", [
+    ("optimizer", r"leaves of the state are not in it \(e\.g\. opt_state/.*Only the optimizer state differs"),
+    ("model", r"leaves differ in shape \(e\.g\. params/\w+/layers_0/mlp/wi_0/kernel \(32, 48\) in it vs "
+              r"\(32, 64\).*another model configuration"),
+])
+def test_restore_into_another_state_names_the_leaves(trained_on_4x2, change, expected):
+    """Restoring a checkpoint into the state of another optimizer or model fails before Orbax reads anything,
+    naming the differing leaves and which part (parameters or optimizer state) differs."""
+    directory, _, _ = trained_on_4x2
+    model = EncoderDecoder(CONFIG.replace(d_ff=64) if change == "model" else CONFIG)
+    optimizer = (optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(0.01))
+                 if change == "optimizer" else _optimizer(model))
+    mesh, rules = _mesh(1, 1), partitioning.logical_axis_rules()
+    with partitioning.activate(mesh, rules):
+        target = trainer.abstract_state(model, optimizer, trainer.state_shardings(model, optimizer, mesh, rules))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=expected):
+        checkpoints.restore(checkpoints.checkpoint_manager(directory, async_save=False), target)
+
+
 def _abstract_params(config, mesh=None, rules=None):
     model = EncoderDecoder(config)
     boxed = trainer.abstract_boxed_params(model)

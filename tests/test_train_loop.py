@@ -132,3 +132,65 @@ def test_bad_configuration_fails_in_one_line_before_compiling(tmp_path):
         assert result.returncode == 2, (flag, result.stderr[-2000:])
         lines = [line for line in result.stderr.splitlines() if line.startswith("t5k train:")]
         assert len(lines) == 1 and expected in lines[0], (flag, result.stderr[-2000:])
+
+
+def _opt_counts(model_dir):
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), "checkpoints"))
+    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    return [int(v) for path, v in _leaves({"opt_state": _as_dict(restored["opt_state"])}) if path.endswith("count")]
+
+
+def _as_dict(tree):
+    """Orbax returns sequences for tuple nodes: index them like dict keys."""
+    if isinstance(tree, dict):
+        return {k: _as_dict(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return {str(i): _as_dict(v) for i, v in enumerate(tree)}
+    return tree
+
+
+def test_finetuning_starts_from_the_checkpoint_parameters_with_a_fresh_state(uninterrupted, tmp_path):
+    """train.init_checkpoint: the new run's step and optimizer state start at 0, its parameters are the
+    checkpoint's (a zero learning rate keeps them bit-identical), and its first loss is the trained model's."""
+    model_dir = str(tmp_path / "finetune")
+    flags = [f"--gin.train.init_checkpoint='{uninterrupted}'", "--gin.train.train_steps=3",
+             "--gin.train.checkpoint_every=3", "--gin.train.schedule=@constant_schedule()",
+             "--gin.constant_schedule.learning_rate=0.0"]
+    result = subprocess.run(_command(model_dir) + flags, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"parameters from {os.path.join(uninterrupted, 'checkpoints')}, fresh optimizer state" in result.stdout
+    step, params = _final_params(model_dir)
+    assert step == 3  # counted from 0, not from the checkpoint's 24
+    assert _opt_counts(model_dir) and set(_opt_counts(model_dir)) == {3}
+    flat = dict(_leaves(params))
+    for path, value in _leaves(_final_params(uninterrupted)[1]):
+        np.testing.assert_array_equal(flat[path], value, err_msg=path)
+    # Same data and seed as the pre-training run: its first batch, scored by the trained parameters.
+    pretrained, finetuned = _curve(uninterrupted), _curve(model_dir)
+    assert finetuned[0]["loss"] < 0.8 * pretrained[0]["loss"], (finetuned[0], pretrained[0])
+    assert finetuned[0]["learning_rate"] == 0.0
+
+
+def test_incompatible_checkpoints_fail_in_one_line_naming_the_leaves(uninterrupted, tmp_path):
+    """A fine-tuning source of another shape, and a resumed model_dir written with another optimizer: one line
+    each, naming what differs, before any compilation."""
+    import shutil
+
+    resumed = str(tmp_path / "other_optimizer")
+    shutil.copytree(uninterrupted, resumed)
+    cases = [
+        (str(tmp_path / "wider"), [f"--gin.train.init_checkpoint='{uninterrupted}'",
+                                   "--gin.TransformerConfig.d_ff=48"],
+         "has shape (32, 48) but its source"),
+        (resumed, ["--gin.make_optimizer.optimizer=@adamw"],
+         "Only the optimizer state differs"),
+        (str(tmp_path / "missing"), [f"--gin.train.init_checkpoint='{tmp_path / 'nothing_here'}'"],
+         "no checkpoint directory"),
+    ]
+    for model_dir, flags, expected in cases:
+        result = subprocess.run(_command(model_dir) + flags, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, (flags, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("t5k train:")]
+        assert len(lines) == 1 and expected in lines[0], (flags, result.stderr[-2000:])
