@@ -47,6 +47,14 @@ def test_an_objective_file_selects_what_t5k_train_trains_on(objective):
     assert name in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()), name
 
 
+def test_the_curriculum_objective_trains_unpacked():
+    """One session per row, so the curriculum's step (example index // rows per step) is the trainer's step, even
+    composed after pretrain.gin, which packs."""
+    gin_utils.parse_gin(["gin/models/ct5_tiny.gin", "gin/runs/pretrain.gin", "gin/objectives/dialog_curriculum.gin"],
+                        [])
+    assert _train_binding("pack") is False
+
+
 def test_finetune_run_starts_from_a_checkpoint_with_t5s_recipe():
     gin_utils.parse_gin(["gin/models/ct5_small.gin", "gin/runs/finetune.gin"],
                         ["INIT_CHECKPOINT = 'runs/ct5_small'", "MIXTURE_OR_TASK_NAME = 'nsmc'"])
