@@ -113,6 +113,34 @@ def test_restore_into_another_state_names_the_leaves(trained_on_4x2, change, exp
         checkpoints.restore(checkpoints.checkpoint_manager(directory, async_save=False), target)
 
 
+def test_finetuning_state_from_a_checkpoint_with_new_layers_kept_fresh(trained_on_4x2):
+    """`t5k train`'s init_checkpoint path on a bigger model: the checkpoint's parameters where they exist, the
+    fresh initialisation (same seed as a run from scratch) where the assignment map says None, then a step-0 state
+    whose optimizer state is `optimizer.init` of those parameters, all in the run's shardings."""
+    from t5k import train
+
+    directory, saved, _ = trained_on_4x2
+    model = EncoderDecoder(CONFIG.replace(num_decoder_layers=3))
+    optimizer = _optimizer(model)
+    mesh, rules = _mesh(2, 1), partitioning.logical_axis_rules()
+    with partitioning.activate(mesh, rules):
+        shardings = trainer.state_shardings(model, optimizer, mesh, rules)
+        params = train.initial_params(model, shardings, 3, directory, None, [(r"decoder/layers_2/.*", None)])
+        fresh = trainer.init_params(model, shardings.params, 3)
+        state = trainer.state_from_params(optimizer, shardings, params)
+    got = jax.device_get(state.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got["decoder"]["layers_2"],
+                           jax.device_get(fresh["decoder"]["layers_2"]))
+    for name in ("encoder", "decoder"):
+        for key, value in saved.params[name].items():
+            jax.tree_util.tree_map(np.testing.assert_array_equal, got[name][key], value)
+    assert int(state.step) == 0 and int(state.skipped) == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.opt_state),
+                           jax.device_get(optimizer.init(jax.device_get(state.params))))
+    for leaf, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
+        assert leaf.sharding == want
+
+
 def _abstract_params(config, mesh=None, rules=None):
     model = EncoderDecoder(config)
     boxed = trainer.abstract_boxed_params(model)
