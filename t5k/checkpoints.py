@@ -8,10 +8,11 @@ read onto 1 or 2 devices (HyperCLOVA's "checkpoint merge"), with no conversion s
 
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import gin
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -197,6 +198,10 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
     fallback: a tree like `abstract_params` with real values (e.g. freshly initialised parameters) for the targets
       mapped to None.
 
+    Layer layouts need no map: a source missing as such but present in the other layout (stacked `…/layers/…`,
+    the `nn.scan`-ned stack of `TransformerConfig.scan_layers`, vs unrolled `…/layers_0/…`, `…/layers_1/…`) is
+    sliced out of, or stacked from, the checkpoint's leaves.
+
     Raises KeyError naming the target and source path when the checkpoint lacks a source (or no fallback value
     exists), and ValueError naming both when shapes differ.
     """
@@ -205,7 +210,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
     rules = _compile_map(assignment_map)
     targets = _flatten(abstract_params)
     fallbacks = _flatten(fallback) if fallback is not None else {}
-    plan: Dict[str, Optional[str]] = {}
+    plan: Dict[str, Optional[_Recipe]] = {}
     for path, target in targets.items():
         source, matched = _source_of(path, rules)
         if source is None:
@@ -214,25 +219,27 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
                                "no value for it")
             plan[path] = None
             continue
-        if source not in stored:
+        recipe = _Recipe("copy", (source,)) if source in stored else _other_layer_layout(source, stored)
+        if recipe is None:
             how = f"mapped to {source!r}" if matched else "read from the same path (no assignment_map rule matched)"
             near = [p for p in stored if p.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]][:3]
             raise KeyError(f"restore_params: target {path!r} is {how}, but the checkpoint in {item_dir} has no "
                            f"parameter {source!r}" + (f" (similar: {near})" if near else "")
                            + "; map it to None in assignment_map to keep a fresh value")
-        if tuple(stored[source].shape) != tuple(target.shape):
+        if recipe.shape(stored) != tuple(target.shape):
             raise ValueError(f"restore_params: target {path!r} has shape {tuple(target.shape)} but its source "
-                             f"{source!r} in the checkpoint has shape {tuple(stored[source].shape)}")
-        plan[path] = source
+                             f"{recipe.describe(stored)} in the checkpoint has shape {recipe.shape(stored)}")
+        plan[path] = recipe
 
-    # Read every needed source once, onto the sharding of the first target that uses it.
-    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Read every needed source once, onto the sharding of the first target that uses it (with the layer axis
+    # replicated when the source and the target stack their layers differently).
     read: Dict[str, Any] = {}
-    for path, source in plan.items():
-        if source is not None and source not in read:
-            target = targets[path]
-            sharding = getattr(target, "sharding", None) or default_sharding
-            read[source] = jax.ShapeDtypeStruct(tuple(target.shape), target.dtype, sharding=sharding)
+    for path, recipe in plan.items():
+        for source in (recipe.sources if recipe else ()):
+            if source not in read:
+                shape = tuple(stored[source].shape)
+                read[source] = jax.ShapeDtypeStruct(shape, targets[path].dtype,
+                                                    sharding=_source_sharding(targets[path], len(shape)))
     values: Dict[str, Any] = {}
     if read:
         item = _nest({"/".join(prefix + (k,)): v for k, v in read.items()})
@@ -245,7 +252,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
 
     def leaf(path):
         target = targets[path]
-        value = fallbacks[path] if plan[path] is None else values[plan[path]]
+        value = fallbacks[path] if plan[path] is None else plan[path].build(values)
         sharding = getattr(target, "sharding", None)
         if sharding is not None and getattr(value, "sharding", None) != sharding:
             value = jax.device_put(value, sharding)
@@ -253,3 +260,74 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
 
     leaves = [leaf(path) for path in targets]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+
+
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+class _Recipe(NamedTuple):
+    """How a target leaf is made from checkpoint leaves: `copy` one, `slice` layer `index` out of a stacked
+    (`nn.scan`-ned, `layers/...` with a leading layer axis) one, or `stack` the per-layer (`layers_0/...`, …) ones."""
+
+    kind: str
+    sources: Tuple[str, ...]
+    index: int = 0
+
+    def shape(self, stored) -> Tuple[int, ...]:
+        first = tuple(stored[self.sources[0]].shape)
+        if self.kind == "slice":
+            return first[1:]
+        if self.kind == "stack":
+            return (len(self.sources),) + first
+        return first
+
+    def describe(self, stored) -> str:
+        if self.kind == "slice":
+            return f"{self.sources[0]!r}[{self.index}] (of {tuple(stored[self.sources[0]].shape)})"
+        if self.kind == "stack":
+            return f"{self.sources[0]!r} … {self.sources[-1]!r} stacked"
+        return repr(self.sources[0])
+
+    def build(self, values):
+        if self.kind == "slice":
+            return values[self.sources[0]][self.index]
+        if self.kind == "stack":
+            return jnp.stack([values[source] for source in self.sources])
+        return values[self.sources[0]]
+
+
+def _other_layer_layout(source: str, stored) -> Optional[_Recipe]:
+    """`source` from a checkpoint that stacks its layers the other way: an unrolled `…/layers_3/…` read from the
+    scanned `…/layers/…` (layer 3 of its leading axis), or a scanned `…/layers/…` from `…/layers_0/…`,
+    `…/layers_1/…`, … . So a model trained with `TransformerConfig.scan_layers` loads unrolled, and back."""
+    parts = source.split("/")
+    for j, part in enumerate(parts):
+        match = _LAYER_KEY.match(part)
+        if match:
+            stacked = "/".join(parts[:j] + ["layers"] + parts[j + 1:])
+            if stacked in stored and int(match.group(1)) < stored[stacked].shape[0]:
+                return _Recipe("slice", (stacked,), int(match.group(1)))
+        elif part == "layers":
+            per_layer = []
+            while (candidate := "/".join(parts[:j] + [f"layers_{len(per_layer)}"] + parts[j + 1:])) in stored:
+                per_layer.append(candidate)
+            if per_layer:
+                return _Recipe("stack", tuple(per_layer))
+    return None
+
+
+def _source_sharding(target, rank: int):
+    """Where a source leaf of rank `rank` is read for `target`: the target's own sharding when the ranks agree;
+    for a stacked source of a per-layer target, that sharding with a replicated leading layer axis; for a
+    per-layer source of a stacked target, the target's sharding without its layer axis. One device otherwise."""
+    sharding = getattr(target, "sharding", None)
+    target_rank = len(target.shape)
+    if sharding is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if rank == target_rank:
+        return sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    spec = tuple(sharding.spec) + (None,) * (target_rank - len(sharding.spec))
+    spec = (None,) + spec if rank == target_rank + 1 else spec[1:]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))

@@ -1,8 +1,10 @@
 """Checkpoints: a 4×2-mesh checkpoint restores onto 1 device and onto 2×1 with identical params and eval loss;
-partial restore with a regex assignment map (new subtrees kept fresh, renamed sources, clear errors)."""
+partial restore with a regex assignment map (new subtrees kept fresh, renamed sources, clear errors), across
+layer layouts (scanned <-> unrolled); restore errors that name the leaves; the fine-tuning start state."""
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5k import checkpoints, optim, partitioning, trainer
@@ -111,6 +113,33 @@ def test_restore_into_another_state_names_the_leaves(trained_on_4x2, change, exp
         target = trainer.abstract_state(model, optimizer, trainer.state_shardings(model, optimizer, mesh, rules))
     with pytest.raises(checkpoints.CheckpointMismatchError, match=expected):
         checkpoints.restore(checkpoints.checkpoint_manager(directory, async_save=False), target)
+
+
+def test_unrolled_checkpoint_restores_into_scanned_layers_and_back(trained_on_4x2, tmp_path):
+    """A model trained unrolled (`layers_0`, `layers_1`) loads into `scan_layers=True` (one stacked `layers`) on
+    a mesh, and a scanned checkpoint loads unrolled: the parameters equal `stack_layer_params` of each other, and
+    the scanned model restored from the unrolled checkpoint gives the saved eval loss."""
+    from t5k.models import stack
+
+    directory, saved, saved_loss = trained_on_4x2
+    scanned_config = CONFIG.replace(scan_layers=True)
+    mesh, rules = _mesh(2, 2), partitioning.logical_axis_rules()
+    scanned = checkpoints.restore_params(directory, _abstract_params(scanned_config, mesh, rules))
+    expected = stack.stack_layer_params(saved.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(scanned), expected)
+    target = _abstract_params(scanned_config, mesh, rules)["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
+    assert scanned["encoder"]["layers"]["mlp"]["wi_0"]["kernel"].sharding == target.sharding
+    np.testing.assert_allclose(_eval_loss(EncoderDecoder(scanned_config), scanned, mesh, rules), saved_loss,
+                               rtol=1e-5)
+
+    scanned_dir = str(tmp_path / "scanned")
+    ocp.PyTreeCheckpointer().save(scanned_dir, {"params": jax.device_get(scanned)})
+    unrolled = checkpoints.restore_params(scanned_dir, _abstract_params(CONFIG, mesh, rules))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(unrolled), saved.params)
+
+    deeper = _abstract_params(CONFIG.replace(num_decoder_layers=3))  # a layer the stacked source does not have
+    with pytest.raises(KeyError, match=r"target 'decoder/layers_2/.* has no parameter"):
+        checkpoints.restore_params(scanned_dir, deeper)
 
 
 def test_finetuning_state_from_a_checkpoint_with_new_layers_kept_fresh(trained_on_4x2):
