@@ -14,12 +14,10 @@ from t5k import checkpoints, cli, decoding, metrics, scoring
 from t5k.models import EncoderDecoder, TransformerConfig, abstract_params
 from t5k.trainer import unbox_values
 from t5k.vocab import default_vocabulary
+from tiny_models import ENCODER_DECODER, model_gin
 
-CONFIG = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
-              num_decoder_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-              dtype="float32")
-GIN = "import t5k.models\nbuild_model.architecture = 'encoder_decoder'\nbuild_model.config = @TransformerConfig()\n" + \
-      "".join(f"TransformerConfig.{k} = {v!r}\n" for k, v in CONFIG.items())
+CONFIG = ENCODER_DECODER
+GIN = model_gin(**CONFIG)
 LABELS = ("부정", "긍정")
 REVIEWS = [("재미있다", "긍정"), ("지루하다", "부정"), ("최고의 영화", "긍정"), ("돈이 아깝다", "부정"), ("또 보고 싶다", "긍정")]
 
@@ -132,8 +130,7 @@ def test_unknown_task_is_one_clear_error(setup, capsys):
 DECODER = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=0,
                num_decoder_layers=1, dtype="float32", norm="layer", use_bias=True, position_embedding="absolute",
                max_length=256, tie_embeddings=True, scale_attention_logits=True, mlp_activations=("gelu",))
-DECODER_GIN = "import t5k.models\nbuild_model.architecture = 'decoder_only'\nbuild_model.config = @TransformerConfig()\n" + \
-    "".join(f"TransformerConfig.{k} = {v!r}\n" for k, v in DECODER.items())
+DECODER_GIN = model_gin("decoder_only", **DECODER)
 
 
 def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, monkeypatch):

@@ -11,21 +11,9 @@ import pytest
 
 from t5k import checkpoints, cli, decoding, infer, model_loading, optim, partitioning, trainer
 from t5k.models import build_model
+from tiny_models import ENCODER_DECODER, model_gin
 
-GIN = """
-import t5k.models
-build_model.architecture = 'encoder_decoder'
-build_model.config = @TransformerConfig()
-TransformerConfig.vocab_size = 51200
-TransformerConfig.d_model = 16
-TransformerConfig.num_heads = 2
-TransformerConfig.head_dim = 8
-TransformerConfig.d_ff = 32
-TransformerConfig.num_encoder_layers = 1
-TransformerConfig.num_decoder_layers = 1
-TransformerConfig.relative_attention_num_buckets = 8
-TransformerConfig.relative_attention_max_distance = 16
-TransformerConfig.dtype = 'float32'
+GIN = model_gin(**ENCODER_DECODER) + """
 DecodeConfig.max_new_tokens = 4
 infer.input_length = 12
 infer.batch_size = 2

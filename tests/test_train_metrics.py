@@ -14,24 +14,13 @@ from t5k import train
 from t5k.decoding import greedy_decode_uncached
 from t5k.model_loading import load_model
 from t5k.vocab import default_vocabulary
+from tiny_models import ENCODER_DECODER, model_gin
 
 TASK = "t5k_test_copy_words"
 WORDS = ["사과", "바다", "하늘", "구름", "나무", "연필", "우유", "기차", "바람", "편지", "노래", "시계"]
 MAX_NEW_TOKENS = 4
-GIN = f"""
-import t5k.models
+GIN = model_gin(**ENCODER_DECODER) + f"""
 import t5k.decoding
-build_model.architecture = 'encoder_decoder'
-build_model.config = @TransformerConfig()
-TransformerConfig.d_model = 16
-TransformerConfig.num_heads = 2
-TransformerConfig.head_dim = 8
-TransformerConfig.d_ff = 32
-TransformerConfig.num_encoder_layers = 1
-TransformerConfig.num_decoder_layers = 1
-TransformerConfig.relative_attention_num_buckets = 8
-TransformerConfig.relative_attention_max_distance = 16
-TransformerConfig.dtype = 'float32'
 DecodeConfig.max_new_tokens = {MAX_NEW_TOKENS}
 train.mixture_or_task_name = '{TASK}'
 train.task_feature_lengths = {{'inputs': 16, 'targets': 8}}
