@@ -71,11 +71,23 @@ def check_restorable(item_dir: str, abstract_state: Any, examples: int = 2) -> N
                      + ", ".join(f"{p} {stored[p]} in it vs {target[p]}" for p in reshaped[:examples]) + ")")
     if any(p.split("/", 1)[0] == "params" for p in missing + unexpected + reshaped):
         cause = "its parameters belong to another model configuration; restore with that configuration"
+        stacked = _stacks_layers(unexpected)
+        if stacked != _stacks_layers(missing) and None not in (stacked, _stacks_layers(missing)):
+            cause += f" (it was written with TransformerConfig.scan_layers = {stacked})"
     else:
         cause = ("only the optimizer state differs (another optimizer, or an earlier t5k's optimizer-state layout); "
                  "to keep the parameters, train in a new model_dir with train.init_checkpoint set to this one")
     raise CheckpointMismatchError(f"checkpoint {item_dir} does not match this run's state: {'; '.join(found)}. "
                                   f"{cause[0].upper()}{cause[1:]}")
+
+
+def _stacks_layers(paths) -> Optional[bool]:
+    """Whether parameter paths use the scanned layout (`…/layers/…`: True), the unrolled one (`…/layers_3/…`:
+    False), or neither (None)."""
+    parts = {part for path in paths if path.startswith("params/") for part in path.split("/")}
+    if "layers" in parts:
+        return True
+    return False if any(_LAYER_KEY.match(part) for part in parts) else None
 
 
 def _is_array(leaf) -> bool:

@@ -100,12 +100,14 @@ def test_4x2_checkpoint_restores_on_fewer_devices(trained_on_4x2, data, model_ax
     ("optimizer", r"leaves of the state are not in it \(e\.g\. opt_state/.*Only the optimizer state differs"),
     ("model", r"leaves differ in shape \(e\.g\. params/\w+/layers_0/mlp/wi_0/kernel \(32, 48\) in it vs "
               r"\(32, 64\).*another model configuration"),
+    ("scan", r"another model configuration; .* \(it was written with TransformerConfig.scan_layers = False\)"),
 ])
 def test_restore_into_another_state_names_the_leaves(trained_on_4x2, change, expected):
     """Restoring a checkpoint into the state of another optimizer or model fails before Orbax reads anything,
     naming the differing leaves and which part (parameters or optimizer state) differs."""
     directory, _, _ = trained_on_4x2
-    model = EncoderDecoder(CONFIG.replace(d_ff=64) if change == "model" else CONFIG)
+    config = {"model": CONFIG.replace(d_ff=64), "scan": CONFIG.replace(scan_layers=True)}.get(change, CONFIG)
+    model = EncoderDecoder(config)
     optimizer = (optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(0.01))
                  if change == "optimizer" else _optimizer(model))
     mesh, rules = _mesh(1, 1), partitioning.logical_axis_rules()
