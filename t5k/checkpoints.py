@@ -262,12 +262,17 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
         )
         values = _flatten(restored["params"] if prefix else restored)
 
+    returned = set()
+
     def leaf(path):
         target = targets[path]
         value = fallbacks[path] if plan[path] is None else plan[path].build(values)
         sharding = getattr(target, "sharding", None)
         if sharding is not None and getattr(value, "sharding", None) != sharding:
             value = jax.device_put(value, sharding)
+        if id(value) in returned:  # one source copied to several targets: give each its own buffer, so the
+            value = jnp.copy(value)  # tree can be donated (a buffer donated twice is an error)
+        returned.add(id(value))
         return value
 
     leaves = [leaf(path) for path in targets]

@@ -220,6 +220,12 @@ def test_extra_layer_kept_fresh_or_copied_by_regex(trained_on_4x2):
                                         assignment_map={r"decoder/layers_2/(.*)": r"decoder/layers_1/\1"})
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(copied["decoder"]["layers_2"]),
                            saved.params["decoder"]["layers_1"])
+    # Layers 1 and 2 read one source, yet own separate buffers: the tree can be donated, as fine-tuning does.
+    leaves = jax.tree_util.tree_leaves(copied)
+    assert len({leaf.unsafe_buffer_pointer() for leaf in leaves}) == len(leaves)
+    doubled = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: 2 * x, tree), donate_argnums=(0,))(copied)
+    np.testing.assert_array_equal(doubled["decoder"]["layers_2"]["mlp"]["wo"]["kernel"],
+                                  2 * saved.params["decoder"]["layers_1"]["mlp"]["wo"]["kernel"])
 
 
 def test_extra_subtree_and_rename(trained_on_4x2):
