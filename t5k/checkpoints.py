@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from t5k.models.stack import LAYER_KEY
+
 
 @gin.configurable
 def checkpoint_manager(directory: str, save_interval_steps: int = 1000, max_to_keep: Optional[int] = 3,
@@ -71,9 +73,9 @@ def check_restorable(item_dir: str, abstract_state: Any, examples: int = 2) -> N
                      + ", ".join(f"{p} {stored[p]} in it vs {target[p]}" for p in reshaped[:examples]) + ")")
     if any(p.split("/", 1)[0] == "params" for p in missing + unexpected + reshaped):
         cause = "its parameters belong to another model configuration; restore with that configuration"
-        stacked = _stacks_layers(unexpected)
-        if stacked != _stacks_layers(missing) and None not in (stacked, _stacks_layers(missing)):
-            cause += f" (it was written with TransformerConfig.scan_layers = {stacked})"
+        stored_stacked, target_stacked = _stacks_layers(unexpected), _stacks_layers(missing)
+        if None not in (stored_stacked, target_stacked) and stored_stacked != target_stacked:
+            cause += f" (it was written with TransformerConfig.scan_layers = {stored_stacked})"
     else:
         cause = ("only the optimizer state differs (another optimizer, or an earlier t5k's optimizer-state layout); "
                  "to keep the parameters, train in a new model_dir with train.init_checkpoint set to this one")
@@ -87,7 +89,7 @@ def _stacks_layers(paths) -> Optional[bool]:
     parts = {part for path in paths if path.startswith("params/") for part in path.split("/")}
     if "layers" in parts:
         return True
-    return False if any(_LAYER_KEY.match(part) for part in parts) else None
+    return False if any(LAYER_KEY.match(part) for part in parts) else None
 
 
 def _is_array(leaf) -> bool:
@@ -279,8 +281,6 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
 
 
-_LAYER_KEY = re.compile(r"^layers_(\d+)$")
-
 
 class _Recipe(NamedTuple):
     """How a target leaf is made from checkpoint leaves: `copy` one, `slice` layer `index` out of a stacked
@@ -319,7 +319,7 @@ def _other_layer_layout(source: str, stored) -> Optional[_Recipe]:
     `…/layers_1/…`, … . So a model trained with `TransformerConfig.scan_layers` loads unrolled, and back."""
     parts = source.split("/")
     for j, part in enumerate(parts):
-        match = _LAYER_KEY.match(part)
+        match = LAYER_KEY.match(part)
         if match:
             stacked = "/".join(parts[:j] + ["layers"] + parts[j + 1:])
             if stacked in stored and int(match.group(1)) < stored[stacked].shape[0]:

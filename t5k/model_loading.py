@@ -14,7 +14,7 @@ import jax
 import seqio
 
 from t5k import checkpoints, partitioning, trainer
-from t5k.models import EncoderDecoder, abstract_params, build_model, dummy_inputs
+from t5k.models import EncoderDecoder, abstract_params, build_model
 from t5k.vocab import default_vocabulary
 
 RANDOM_INIT = "random-init"
@@ -55,10 +55,7 @@ def current_mesh(num_devices: Optional[int] = None):
 
 def abstract_sharded_params(model, mesh, rules):
     """`jax.ShapeDtypeStruct`s of the parameters, each carrying its sharding on `mesh` (nothing allocated)."""
-    boxed = abstract_params(model)
-    shardings = partitioning.param_shardings(boxed, mesh, rules)
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  trainer.unbox_values(boxed), shardings)
+    return trainer.abstract_params(model, partitioning.param_shardings(abstract_params(model), mesh, rules))
 
 
 def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_devices: Optional[int] = None,
@@ -72,9 +69,7 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
     with partitioning.activate(mesh, rules):
         if checkpoint is None:
             shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
-            init = jax.jit(lambda rng: trainer.unbox_values(model.init(rng, *dummy_inputs(model))["params"]),
-                           out_shardings=shardings)
-            params, source = init(jax.random.PRNGKey(seed)), RANDOM_INIT
+            params, source = trainer.init_params(model, shardings, seed), RANDOM_INIT
         else:
             directory = checkpoints.checkpoint_directory(checkpoint)
             params = checkpoints.restore_params(directory, target, step=step)

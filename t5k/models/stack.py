@@ -160,15 +160,16 @@ def cached_self_attention_bias(
     return bias
 
 
-_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+# An unrolled layer's name; the scanned stack is `layers`.
+LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
 
 def stack_layer_params(tree: Dict[str, Any]) -> Dict[str, Any]:
     """Unrolled -> scanned layout: every `{..., layers_i: T_i}` becomes `{..., layers: stack(T_0, T_1, …)}`."""
     if not isinstance(tree, dict):
         return tree
-    indexed = {int(m.group(1)): v for k, v in tree.items() if (m := _LAYER_KEY.match(k))}
-    out = {k: stack_layer_params(v) for k, v in tree.items() if not _LAYER_KEY.match(k)}
+    indexed = {int(m.group(1)): v for k, v in tree.items() if (m := LAYER_KEY.match(k))}
+    out = {k: stack_layer_params(v) for k, v in tree.items() if not LAYER_KEY.match(k)}
     if indexed:
         if sorted(indexed) != list(range(len(indexed))):
             raise ValueError(f"layer indices are not contiguous from 0: {sorted(indexed)}")
