@@ -6,6 +6,7 @@ imported only when their subcommand runs, so `t5k vocab …` never pays for impo
 """
 
 import argparse
+import ast
 import importlib
 import sys
 
@@ -19,6 +20,22 @@ COMMANDS = {
     "infer": ("t5k.infer", "generate for a JSONL file of prompts from a checkpoint (streamed, resumable)"),
     "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }
+
+
+def error_line(command: str, error: BaseException) -> str:
+    """The one line a subcommand prints for an error it reports without a traceback: `t5k COMMAND: message`.
+
+    The message is the error's first line. A KeyError's str() is the repr of its message (quoted, newlines
+    escaped), also when gin re-raises it with the configurable's name appended on later lines (gin's proxy
+    exception has no `args`), so that line is read back as the string it represents.
+    """
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    if isinstance(error, KeyError) and line[:1] in ("'", '"'):
+        try:
+            line = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            pass
+    return f"t5k {command}: {line}"
 
 
 def _usage() -> str:

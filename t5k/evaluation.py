@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import gin
 import numpy as np
 
-from t5k import decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring
+from t5k import cli, decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring
 
 DEFAULT_LENGTHS = {"inputs": 512, "targets": 128}
 
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         evaluate(tasks, args.output_dir, args.checkpoint, args.step, args.num_devices, args.split)
     except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"t5k eval: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(cli.error_line("eval", e), file=sys.stderr)
         return 2
     print(os.path.join(args.output_dir, "results.md"))
     return 0

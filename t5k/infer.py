@@ -30,7 +30,7 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
-from t5k import decoding, gin_utils, model_loading, partitioning
+from t5k import cli, decoding, gin_utils, model_loading, partitioning
 
 Generator = Callable[[List[str], List[int], Tuple[str, ...]], List[List[str]]]
 
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         counts = infer(args.input, args.output, args.checkpoint, args.step, args.num_devices,
                        progress=sys.stderr.isatty())
     except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"t5k infer: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(cli.error_line("infer", e), file=sys.stderr)
         return 2
     print(json.dumps(counts))
     return 0

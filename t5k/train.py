@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from t5k import checkpoints, gin_utils, optim, partitioning, throughput, trainer
+from t5k import checkpoints, cli, gin_utils, optim, partitioning, throughput, trainer
 from t5k.models import EncoderDecoder, build_model
 
 
@@ -252,8 +252,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         model_dir = args.model_dir or _macro("MODEL_DIR") or os.path.join("runs", "default")
         last = train(model_dir)
     except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() adds quotes
-        print(f"t5k train: {str(message).splitlines()[0]}", file=sys.stderr)
+        print(cli.error_line("train", e), file=sys.stderr)
         return 2
     print(json.dumps({k: round(v, 6) for k, v in last.items()}))
     return 0

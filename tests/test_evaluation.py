@@ -127,6 +127,18 @@ def test_unknown_task_is_one_clear_error(setup, capsys):
     assert "t5k eval: --tasks: no task named 'no_such_task'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_without_a_parameter_of_the_model_is_one_clear_error(setup, capsys):
+    """restore_params raises KeyError for a parameter the checkpoint lacks: printed without KeyError's quotes."""
+    root, _, _ = setup
+    gin.clear_config()
+    code = cli.main(["eval", f"--gin_file={root / 'tiny.gin'}", "--gin.TransformerConfig.num_decoder_layers=2",
+                     "--tasks=t5k_test_answers", f"--checkpoint={root / 'ckpt'}", f"--output_dir={root / 'bad2'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("t5k eval: restore_params: target 'decoder/layers_1/"), err
+    assert "has no" in err and not err.endswith("'") and "\n" not in err
+
+
 DECODER = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=0,
                num_decoder_layers=1, dtype="float32", norm="layer", use_bias=True, position_embedding="absolute",
                max_length=256, tie_embeddings=True, scale_attention_logits=True, mlp_activations=("gelu",))
