@@ -2,11 +2,13 @@
 
     t5k tasks list
     t5k tasks show NAME [--split S] [-n N] [--seed K] [--step S --batch_size B] [--inputs 512 --targets 114] [--json]
+                        [--train_examples K [--subset_seed J]]
 
 `show` prints N task-level examples as text (sentinels visible as <extra_id_k>) exactly as `get_dataset` yields
 them under that seed; `--step S --batch_size B` starts at example S*B of the stream (the examples of step S when
 every example fills one batch row, e.g. ko_span_corruption). `--json` prints one JSON object per example with the
-token ids too.
+token ids too. `--train_examples K` shows the train stream of a low-data run (`t5k_tasks.get_dataset.train_examples`:
+a fixed subset of K examples per task, drawn by `--subset_seed`).
 """
 
 import argparse
@@ -27,6 +29,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--inputs", type=int, default=512, help="inputs length")
     show.add_argument("--targets", type=int, default=114, help="targets length")
     show.add_argument("--json", action="store_true", help="JSON lines with token ids")
+    show.add_argument("--train_examples", type=int, default=None,
+                      help="train on a fixed subset of this many examples per task (low-data runs)")
+    show.add_argument("--subset_seed", type=int, default=0, help="which subset, for --train_examples")
 
 
 def _list() -> int:
@@ -58,8 +63,13 @@ def _show(args) -> int:
         print(f"t5k tasks: unknown task or mixture {args.name!r} (see `t5k tasks list`)", file=sys.stderr)
         return 2
     lengths = {"inputs": args.inputs, "targets": args.targets}
-    ds = t5k_tasks.get_dataset(args.name, lengths, split=args.split, seed=args.seed,
-                               start_index=args.step * args.batch_size, examples_per_step=args.batch_size)
+    try:
+        ds = t5k_tasks.get_dataset(args.name, lengths, split=args.split, seed=args.seed,
+                                   start_index=args.step * args.batch_size, examples_per_step=args.batch_size,
+                                   train_examples=args.train_examples, subset_seed=args.subset_seed)
+    except ValueError as e:
+        print(f"t5k tasks: {e}", file=sys.stderr)
+        return 2
     features = provider.output_features
     for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
         record = {}

@@ -17,9 +17,17 @@ Sources emit examples in a seeded, index-addressable order: ``shuffle=False`` is
 ``(seed, e)`` (pure TF, so two runs agree byte for byte). Splits: a document / session / record goes to
 ``validation`` when ``crc32(key) % VALIDATION_MODULUS == 0`` (about 2 %), else to ``train``, so adding or editing
 one document never moves another.
+
+Low-data training: inside ``train_subset(k, subset_seed)`` (what ``t5k_tasks.get_dataset.train_examples`` sets) a
+source's train split is a fixed subset of ``k`` of its items, the first ``k`` of a permutation drawn from
+``(subset_seed, split size)``, served in file order and sharded like the full split. The subset does not depend on
+the training seed (which still orders the epochs over it) nor on the number of shards, and the subsets of one
+``subset_seed`` are nested (the 100 examples of ``k=100`` are among the 1,000 of ``k=1000``), so a data-efficiency
+curve compares runs on growing shares of the same data. Other splits are never subset.
 """
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -446,6 +454,44 @@ def index_stream(n: int, shuffle: bool, seed: Optional[int]) -> tf.data.Dataset:
     return tf.data.Dataset.counter().flat_map(epoch)
 
 
+_SUBSET = {"train_examples": None, "subset_seed": 0}
+
+
+@contextlib.contextmanager
+def train_subset(train_examples: Optional[int], subset_seed: int = 0):
+    """Within it, sources serve `train_examples` items of their train split (None: all); see the module doc.
+    Read when a pipeline is built."""
+    if train_examples is not None and (isinstance(train_examples, bool) or int(train_examples) != train_examples
+                                       or train_examples < 1):
+        raise ValueError(f"train_examples: expected a positive number of examples (or None for all), "
+                         f"got {train_examples!r}")
+    old = dict(_SUBSET)
+    _SUBSET.update(train_examples=None if train_examples is None else int(train_examples),
+                   subset_seed=int(subset_seed))
+    try:
+        yield
+    finally:
+        _SUBSET.update(old)
+
+
+def subset_indices(n: int, k: int, subset_seed: int) -> np.ndarray:
+    """The items (sorted int64 indices into 0..n-1) of a train subset of size k: the first k of a seeded permutation,
+    so the subsets of one seed are nested. k >= n: all of them."""
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    order = np.random.default_rng([int(subset_seed), 0x5B5E7, n]).permutation(n)
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def _served(split: str, n: int, shard_info) -> np.ndarray:
+    """Indices (into the split's n items) that a source serves: the train subset when one is set, then this
+    shard's share."""
+    k = _SUBSET["train_examples"]
+    items = subset_indices(n, k, _SUBSET["subset_seed"]) if split == "train" and k is not None \
+        else np.arange(n, dtype=np.int64)
+    return np.array(_shard(list(items), shard_info), np.int64)
+
+
 def _shard(items: list, shard_info) -> list:
     if shard_info is None or shard_info.num_shards == 1:
         return items
@@ -457,8 +503,9 @@ def _shard(items: list, shard_info) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _IndexedSource(seqio.DataSource):
-    """A split of in-memory items served through `index_stream` (seeded epochs; see the module doc)."""
+class IndexedSource(seqio.DataSource):
+    """A split of in-memory items served through `index_stream` (seeded epochs, train subsets; see the module
+    doc). The base of every t5k source."""
 
     def __init__(self, splits=SPLITS):
         super().__init__(splits=splits, num_input_examples=None, caching_permitted=False,
@@ -472,13 +519,16 @@ class _IndexedSource(seqio.DataSource):
         return [split]
 
     def num_input_examples(self, split: str) -> int:
-        return self._count(split)
+        """The split's size, or the train subset's inside `train_subset` (what examples-proportional mixing
+        rates see)."""
+        n, k = self._count(split), _SUBSET["train_examples"]
+        return min(n, k) if split == "train" and k is not None else n
 
     def _count(self, split: str) -> int:
         raise NotImplementedError
 
 
-class DocumentSource(_IndexedSource):
+class DocumentSource(IndexedSource):
     """Documents of prose files. `tokenized=True`: {"targets": int32 ids} from the token cache (tokenized once per
     corpus and vocabulary); False: {"text": str} for on-the-fly tokenization."""
 
@@ -505,8 +555,7 @@ class DocumentSource(_IndexedSource):
         del sequence_length, use_cached, num_epochs
         if self._tokenized:
             tokens, offsets = self.tokens(split)
-            docs = np.arange(len(offsets) - 1)
-            docs = np.array(_shard(list(docs), shard_info), np.int64)
+            docs = _served(split, len(offsets) - 1, shard_info)
             tokens_t, offsets_t, docs_t = tf.constant(tokens), tf.constant(offsets), tf.constant(docs)
 
             def lookup(i):
@@ -514,7 +563,8 @@ class DocumentSource(_IndexedSource):
                 return {"targets": tokens_t[offsets_t[d]:offsets_t[d + 1]]}
 
             return index_stream(len(docs), shuffle, seed).map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
-        texts = [d.text for d in _shard(self.documents()[split], shard_info)]
+        documents = self.documents()[split]
+        texts = [documents[i].text for i in _served(split, len(documents), shard_info)]
         texts_t = tf.constant(texts if texts else [""], tf.string)
         return index_stream(len(texts), shuffle, seed).map(lambda i: {"text": texts_t[i]})
 
@@ -536,7 +586,7 @@ class SalientDocumentSource(DocumentSource):
                     use_cached=False, num_epochs=1):
         del sequence_length, use_cached, num_epochs
         tokens, flags, offsets = self.salient(split)
-        docs = np.array(_shard(list(range(len(offsets) - 1)), shard_info), np.int64)
+        docs = _served(split, len(offsets) - 1, shard_info)
         tokens_t, flags_t, offsets_t, docs_t = (tf.constant(a) for a in (tokens, flags, offsets, docs))
 
         def lookup(i):
@@ -547,7 +597,7 @@ class SalientDocumentSource(DocumentSource):
         return index_stream(len(docs), shuffle, seed).map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-class SessionSource(_IndexedSource):
+class SessionSource(IndexedSource):
     """Dialogue sessions as {"turn_tokens": ragged int32 [turns, (tokens)], "speakers": int32 [turns]} (speakers
     numbered by first appearance), tokenized once through the token cache."""
 
@@ -579,7 +629,7 @@ class SessionSource(_IndexedSource):
                     use_cached=False, num_epochs=1):
         del sequence_length, use_cached, num_epochs
         tokens, utt_offsets, turn_offsets, speakers = self.arrays(split)
-        chosen = np.array(_shard(list(range(len(turn_offsets) - 1)), shard_info), np.int64)
+        chosen = _served(split, len(turn_offsets) - 1, shard_info)
         tokens_t, utt_t = tf.constant(tokens), tf.constant(utt_offsets)
         turn_t, speakers_t, chosen_t = tf.constant(turn_offsets), tf.constant(speakers), tf.constant(chosen)
 
@@ -594,7 +644,7 @@ class SessionSource(_IndexedSource):
         return index_stream(len(chosen), shuffle, seed).map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-class RecordSource(_IndexedSource):
+class RecordSource(IndexedSource):
     """Text records (dicts of str / float / int) produced by `records_fn(split)`, e.g. {"inputs", "targets"}.
 
     Records are read lazily (on first use), so tasks over absent local data register fine and fail only when
@@ -616,7 +666,8 @@ class RecordSource(_IndexedSource):
     def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *, sequence_length=None,
                     use_cached=False, num_epochs=1):
         del sequence_length, use_cached, num_epochs
-        records = _shard(self.records(split), shard_info)
+        all_records = self.records(split)
+        records = [all_records[i] for i in _served(split, len(all_records), shard_info)]
         if not records:
             raise ValueError(f"split {split!r} has no records")
         columns = {}

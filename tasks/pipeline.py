@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from t5k.feature_converters import get_feature_converter
 from t5k.preprocessors import curriculum, denoise
+from t5k_tasks import corpora
 
 AUTOTUNE = tf.data.AUTOTUNE
 plain_graph = tf.autograph.experimental.do_not_convert
@@ -148,16 +149,31 @@ class T5kTask(seqio.Task):
 @gin.configurable(module="t5k_tasks")
 def get_dataset(mixture_or_task_name: str, sequence_length: Mapping[str, int], split: str = "train",
                 seed: int = 0, shuffle: Optional[bool] = None, start_index: int = 0, examples_per_step: int = 1,
-                shard_index: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None) -> tf.data.Dataset:
+                shard_index: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None,
+                train_examples: Optional[int] = None, subset_seed: int = 0) -> tf.data.Dataset:
     """Task-level examples (before feature conversion), starting at `start_index` of the seeded stream.
 
-    shuffle=None: True for "train" (endless seeded epochs), False otherwise (one pass in file order)."""
+    shuffle=None: True for "train" (endless seeded epochs), False otherwise (one pass in file order).
+    `train_examples` (low-data training; gin: ``t5k_tasks.get_dataset.train_examples = 1000``, which `get_batches`
+    and so `t5k train` follow): the train split of each task is a fixed subset of that many examples drawn by
+    `subset_seed` (`corpora.train_subset`: independent of `seed` and of sharding, nested across sizes); epochs
+    repeat it. Other splits are whole. A task whose source cannot be subset is an error, never silently whole."""
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     shuffle = split == "train" if shuffle is None else shuffle
     shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
-    with index_context(start_index, examples_per_step):
+    if train_examples is not None and split == "train":
+        _check_subsettable(provider)
+    with index_context(start_index, examples_per_step), corpora.train_subset(train_examples, subset_seed):
         return provider.get_dataset(dict(sequence_length), split=split, shuffle=shuffle, seed=seed,
                                     shard_info=shard_info, num_epochs=num_epochs if shuffle else 1)
+
+
+def _check_subsettable(provider) -> None:
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        if not isinstance(task.source, corpora.IndexedSource):
+            raise ValueError(f"train_examples: task {task.name!r} reads a {type(task.source).__name__}, which "
+                             f"cannot serve a train subset (only the t5k_tasks sources, corpora.IndexedSource, can)")
 
 
 @gin.configurable(module="t5k_tasks")

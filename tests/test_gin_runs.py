@@ -65,6 +65,20 @@ def test_finetune_run_starts_from_a_checkpoint_with_t5s_recipe():
     schedule = optim.constant_schedule()  # with the run's binding
     assert [optim.learning_rate_at(schedule, s) for s in (0, 1000, 4000)] == pytest.approx([1e-3] * 3)
     assert gin.query_parameter("%MODEL_DIR") == "runs/finetune"
+    assert _binding("t5k_tasks.get_dataset.train_examples") is None  # the whole train split by default
+
+
+def test_finetune_run_takes_a_low_data_subset_by_macro():
+    gin_utils.parse_gin(["gin/models/ct5_small.gin", "gin/runs/finetune.gin"],
+                        ["TRAIN_EXAMPLES = 5", "SUBSET_SEED = 3"])
+    import t5k_tasks
+    from t5k_tasks import corpora
+
+    records = seqio.get_mixture_or_task("wikinews_title").source.records("train")
+    batches = t5k_tasks.get_batches("wikinews_title", {"inputs": 64, "targets": 32}, batch_size=5, pack=False)
+    vocab = t5k_tasks.pretraining.VOCAB
+    titles = {vocab.decode([int(t) for t in row]) for _ in range(3) for row in next(batches)["decoder_target_tokens"]}
+    assert titles == {records[i]["targets"] for i in corpora.subset_indices(len(records), 5, 3)}
 
 
 def test_dialog_adaptation_run_has_the_dialogct5_settings():

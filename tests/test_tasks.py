@@ -240,6 +240,116 @@ def test_registered_mixture_rates():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Train subsets (low-data runs)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _register_numbered_task(n=300):
+    """`toy_numbered`: a RecordSource of n records whose targets are [record number], in both splits."""
+    if "toy_numbered" not in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.add(
+            "toy_numbered", source=corpora.RecordSource(lambda split: [{"i": i} for i in range(n)]),
+            preprocessors=[lambda ds: ds.map(lambda ex: {"targets": tf.reshape(tf.cast(ex["i"], tf.int32), [1])})],
+            output_features=t5k_tasks.pretraining.LM_FEATURES, shuffle_buffer_size=None, metric_fns=[],
+            task_cls=t5k_tasks.pipeline.T5kTask)
+    return n
+
+
+def _numbers(count, **kwargs):
+    ds = t5k_tasks.get_dataset("toy_numbered", {"targets": 4}, **kwargs)
+    return [int(ex["targets"][0]) for ex in ds.take(count).as_numpy_iterator()]
+
+
+def test_train_subset_is_fixed_by_its_seed_nested_and_shard_independent():
+    n = _register_numbered_task()
+    subset = corpora.subset_indices(n, 10, 0)
+    assert len(subset) == 10 and len(set(subset)) == 10 and list(subset) == sorted(subset)
+    run = _numbers(40, seed=1, train_examples=10)
+    epochs = [run[k * 10:(k + 1) * 10] for k in range(4)]
+    assert all(sorted(e) == list(subset) for e in epochs)  # every epoch is a permutation of the subset
+    assert len({tuple(e) for e in epochs}) > 1
+    other_seed = _numbers(10, seed=2, train_examples=10)  # the training seed orders, it does not choose
+    assert sorted(other_seed) == list(subset) and other_seed != epochs[0]
+    assert set(_numbers(10, seed=1, train_examples=10, subset_seed=1)) != set(subset)
+    assert set(subset) < set(corpora.subset_indices(n, 100, 0))  # nested across sizes
+    shards = [_numbers(5 * 3, seed=1, train_examples=10, shard_index=i, num_shards=2) for i in range(2)]
+    assert set(shards[0]) | set(shards[1]) == set(subset) and not set(shards[0]) & set(shards[1])
+    assert sorted(_numbers(n, seed=1, train_examples=10 * n)) == list(range(n))  # larger than the split: all
+    assert sorted(_numbers(n, split="validation", train_examples=10)) == list(range(n))  # other splits whole
+    with corpora.train_subset(10):
+        assert seqio.get_mixture_or_task("toy_numbered").num_input_examples("train") == 10
+        assert seqio.get_mixture_or_task("toy_numbered").num_input_examples("validation") == n
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_train_subset_of_a_bad_size_is_an_error(bad):
+    _register_numbered_task()
+    with pytest.raises(ValueError, match="train_examples: expected a positive number"):
+        t5k_tasks.get_dataset("toy_numbered", {"targets": 4}, train_examples=bad)
+
+
+def test_train_subset_of_a_source_that_cannot_subset_is_an_error():
+    name = "toy_function_source"
+    if name not in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(
+            lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensors({"targets": [5]}), splits=["train"]),
+            preprocessors=[], output_features=t5k_tasks.pretraining.LM_FEATURES, metric_fns=[])
+    with pytest.raises(ValueError, match=f"train_examples: task '{name}' reads a FunctionDataSource"):
+        t5k_tasks.get_dataset(name, {"targets": 4}, train_examples=5)
+
+
+def _served_items(source, **kwargs):
+    with corpora.train_subset(3, subset_seed=4):
+        ds = source.get_dataset("train", shuffle=True, seed=0, **kwargs)
+    return list(ds.take(6).as_numpy_iterator())
+
+
+def test_every_source_kind_serves_the_subset():
+    """Documents (token cache and raw text), sessions and records: two epochs of a 3-item subset are exactly the
+    chosen items of the split."""
+    prose = seqio.get_mixture_or_task("ko_span_corruption_fairytale").source
+    documents = prose.documents()["train"]
+    chosen = corpora.subset_indices(len(documents), 3, 4)
+    tokens, offsets = prose.tokens("train")
+    want = sorted(tokens[offsets[i]:offsets[i + 1]].tobytes() for i in chosen)
+    got = [ex["targets"].tobytes() for ex in _served_items(prose)]
+    assert sorted(got[:3]) == want and sorted(got[3:]) == want
+    raw = seqio.get_mixture_or_task("ko_span_corruption_from_text").source
+    raw_documents = raw.documents()["train"]
+    got = [ex["text"].decode() for ex in _served_items(raw)]
+    assert sorted(got[:3]) == sorted(raw_documents[i].text for i in corpora.subset_indices(len(raw_documents), 3, 4))
+
+    dialog = seqio.get_mixture_or_task("ko_dialog_partial_masking").source
+    sessions = dialog.sessions()["train"]
+    chosen = corpora.subset_indices(len(sessions), 3, 4)
+    vocab = t5k_tasks.pretraining.VOCAB
+    want = sorted(tuple(t for _, t in sessions[i].turns) for i in chosen)
+    got = [tuple(vocab.decode(list(u)) for u in ex["turn_tokens"]) for ex in _served_items(dialog)]
+    assert sorted(got[:3]) == want and sorted(got[3:]) == want
+
+    titles = seqio.get_mixture_or_task("wikinews_title").source
+    records = titles.records("train")
+    want = sorted(records[i]["targets"] for i in corpora.subset_indices(len(records), 3, 4))
+    got = [ex["targets"].decode() for ex in _served_items(titles)]
+    assert sorted(got[:3]) == want and sorted(got[3:]) == want
+
+
+def test_gin_binding_caps_the_training_batches():
+    """`t5k_tasks.get_dataset.train_examples` (what a low-data `t5k train` run binds) reaches get_batches."""
+    import gin
+
+    n = _register_numbered_task()
+    gin.parse_config("t5k_tasks.get_dataset.train_examples = 7\nt5k_tasks.get_dataset.subset_seed = 2")
+    try:
+        batches = t5k_tasks.get_batches("toy_numbered", {"targets": 4}, batch_size=7, model_type="decoder",
+                                        pack=False)
+        seen = {int(t) for _ in range(3) for t in next(batches)["decoder_target_tokens"][:, 0]}
+    finally:
+        gin.clear_config()
+    assert seen == set(corpora.subset_indices(n, 7, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Feature conversion
 # ----------------------------------------------------------------------------------------------------------
 
@@ -351,3 +461,16 @@ def test_cli_list_and_show(capsys, span_run):
     batch = span_run[1]
     assert lines[0]["inputs_ids"] == batch["encoder_input_tokens"][0].tolist()
     assert cli.main(["tasks", "show", "no_such_task"]) == 2
+
+
+def test_cli_show_prints_the_train_subset_stream(capsys):
+    from t5k import cli
+
+    assert cli.main(["tasks", "show", "wikinews_title", "--train_examples", "2", "--subset_seed", "5", "-n", "6",
+                     "--json", "--inputs", "64", "--targets", "64"]) == 0
+    shown = [json.loads(line)["targets"] for line in capsys.readouterr().out.splitlines()]
+    records = seqio.get_mixture_or_task("wikinews_title").source.records("train")
+    assert len(shown) == 6
+    assert set(shown) == {records[i]["targets"] for i in corpora.subset_indices(len(records), 2, 5)}
+    assert cli.main(["tasks", "show", "wikinews_title", "--train_examples", "0"]) == 2
+    assert "train_examples: expected a positive number" in capsys.readouterr().err
