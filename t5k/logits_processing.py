@@ -8,6 +8,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from t5k.reductions import max_over, min_over, sum_over
+
 NEG_INF = -1.0e9  # finite, so that masked logits never make NaNs in softmax or in score arithmetic
 
 
@@ -17,9 +19,9 @@ def argmax(logits: jax.Array) -> jax.Array:
     Two plain reductions (the row max, then the smallest index holding it) instead of XLA's variadic
     (value, index) reduce, which XLA:CPU runs ~5x slower: ~1 ms of a ~25 ms greedy ct5_small step for 8 x 51,200.
     """
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    top = max_over(logits, keepdims=True)
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
+    return min_over(jnp.where(logits == top, ids, logits.shape[-1]))
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -47,7 +49,8 @@ def sampling_logits(logits: jax.Array, config) -> jax.Array:
         kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]  # [rows, 1]
         logits = jnp.where(logits < kth, NEG_INF, logits)
     if config.top_p < 1.0:
-        probs = jax.nn.softmax(logits, axis=-1)
+        weights = jnp.exp(logits - max_over(logits, keepdims=True))
+        probs = weights / sum_over(weights, keepdims=True)  # softmax
         logits = jnp.where(probs < nucleus_threshold(probs, config.top_p), NEG_INF, logits)
     return logits
 
@@ -64,7 +67,7 @@ def nucleus_threshold(probs: jax.Array, top_p: float) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [rows, vocab], ordered like probs (all >= 0)
 
     def mass_above(t_bits):  # [rows, 1] -> [rows, 1]
-        return jnp.sum(jnp.where(bits > t_bits, probs, 0.0), axis=-1, keepdims=True)
+        return sum_over(jnp.where(bits > t_bits, probs, 0.0), keepdims=True)
 
     def bisect(_, bounds):
         low, high = bounds  # invariant: M(low) >= top_p or low = -1; M(high) < top_p
@@ -72,7 +75,7 @@ def nucleus_threshold(probs: jax.Array, top_p: float) -> jax.Array:
         below = mass_above(mid) < top_p
         return jnp.where(below, low, mid), jnp.where(below, mid, high)
 
-    high = jnp.max(bits, axis=-1, keepdims=True)  # M(max) = 0 < top_p
+    high = max_over(bits, keepdims=True)  # M(max) = 0 < top_p
     low = jnp.full_like(high, -1)
     _, high = jax.lax.fori_loop(0, 32, bisect, (low, high))
     return jax.lax.bitcast_convert_type(high, jnp.float32)
@@ -104,10 +107,10 @@ def sample(logits: jax.Array, uniform: jax.Array) -> jax.Array:
     probability is 0 (logits at NEG_INF far below the maximum) are never returned.
     """
     rows, vocab = logits.shape
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [rows, vocab], unnormalised
+    weights = jnp.exp(logits - max_over(logits, keepdims=True))  # [rows, vocab], unnormalised
     pad = -vocab % SAMPLE_BLOCK
     blocks = jnp.pad(weights, ((0, 0), (0, pad))).reshape(rows, -1, SAMPLE_BLOCK)  # [rows, n_blocks, block]
-    ends = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [rows, n_blocks], the CDF at each block's end
+    ends = jnp.cumsum(sum_over(blocks), axis=-1)  # [rows, n_blocks], the CDF at each block's end
     target = uniform * ends[:, -1]  # [rows]
     block = _first_above(ends, target)  # [rows]
     start = jnp.where(block > 0, jnp.take_along_axis(ends, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
@@ -121,5 +124,5 @@ def _first_above(cdf: jax.Array, target: jax.Array, positive: Optional[jax.Array
     that adds mass (float rounding can leave `target` at or past the row's end)."""
     if positive is None:
         positive = jnp.diff(cdf, axis=-1, prepend=0.0) > 0
-    last = jnp.max(jnp.where(positive, jnp.arange(cdf.shape[-1]), 0), axis=-1)
-    return jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), last).astype(jnp.int32)
+    last = max_over(jnp.where(positive, jnp.arange(cdf.shape[-1]), 0))
+    return jnp.minimum(sum_over((cdf <= target[:, None]).astype(jnp.int32)), last).astype(jnp.int32)

@@ -8,6 +8,10 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from t5k.logits_processing import argmax
+from t5k.reductions import max_over, sum_over
 
 Array = jax.Array
 
@@ -36,19 +40,20 @@ def cross_entropy_sums(
     if weights is None:
         weights = (targets > 0).astype(jnp.float32)
     vocab = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+    top = lax.stop_gradient(max_over(logits, keepdims=True))  # [batch, length, 1]
+    log_z = jnp.log(sum_over(jnp.exp(logits - top))) + top[..., 0]  # logsumexp, [batch, length]
     log_probs = logits - log_z[..., None]
     target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     if label_smoothing > 0:
         confidence = 1.0 - label_smoothing
         low = label_smoothing / (vocab - 1)
         normalizer = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-        smooth = confidence * target_log_prob + low * (jnp.sum(log_probs, axis=-1) - target_log_prob)
+        smooth = confidence * target_log_prob + low * (sum_over(log_probs) - target_log_prob)
         token_loss = -smooth - normalizer
     else:
         token_loss = -target_log_prob
     token_z_loss = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (argmax(logits) == targets).astype(jnp.float32)
     return LossSums(
         loss=jnp.sum((token_loss + token_z_loss) * weights),
         z_loss=jnp.sum(token_z_loss * weights),

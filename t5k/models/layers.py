@@ -24,6 +24,7 @@ from jax import lax
 
 from t5k.models import kernels
 from t5k.models.config import TransformerConfig
+from t5k.reductions import mean_over
 
 Array = jax.Array
 
@@ -161,7 +162,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
-        x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        x32 = x32 * lax.rsqrt(mean_over(jnp.square(x32), keepdims=True) + self.epsilon)
         return (x32 * scale).astype(self.dtype)
 
 
@@ -177,8 +178,8 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features, jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features, jnp.float32)
         x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        mean = mean_over(x32, keepdims=True)
+        var = mean_over(jnp.square(x32 - mean), keepdims=True)
         y = (x32 - mean) * lax.rsqrt(var + self.epsilon)
         return (y * scale + bias).astype(self.dtype)
 
