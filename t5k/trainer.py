@@ -205,7 +205,7 @@ def abstract_state(model, optimizer, shardings: TrainState) -> TrainState:
 
 def init_state_fn(model, optimizer) -> Callable[[jax.Array], TrainState]:
     def init(rng):
-        return _fresh_state(optimizer, nn.unbox(model.init(rng, *dummy_inputs(model))["params"]))
+        return _fresh_state(optimizer, _random_params(model, rng))
     return init
 
 
@@ -222,8 +222,12 @@ def init_state(model, optimizer, shardings: TrainState, seed: int) -> TrainState
 
 def init_params(model, param_shardings, seed: int):
     """Freshly initialised parameters, directly in their shardings."""
-    init = jax.jit(lambda rng: nn.unbox(model.init(rng, *dummy_inputs(model))["params"]), out_shardings=param_shardings)
+    init = jax.jit(functools.partial(_random_params, model), out_shardings=param_shardings)
     return init(jax.random.PRNGKey(seed))
+
+
+def _random_params(model, rng):
+    return nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
 
 
 def abstract_params(model, param_shardings):

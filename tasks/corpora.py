@@ -489,13 +489,7 @@ def _served(split: str, n: int, shard_info) -> np.ndarray:
     k = _SUBSET["train_examples"]
     items = subset_indices(n, k, _SUBSET["subset_seed"]) if split == "train" and k is not None \
         else np.arange(n, dtype=np.int64)
-    return np.array(_shard(list(items), shard_info), np.int64)
-
-
-def _shard(items: list, shard_info) -> list:
-    if shard_info is None or shard_info.num_shards == 1:
-        return items
-    return items[shard_info.index::shard_info.num_shards]
+    return items if shard_info is None else items[shard_info.index::shard_info.num_shards]
 
 
 # ----------------------------------------------------------------------------------------------------------
