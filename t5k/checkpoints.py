@@ -6,6 +6,8 @@ mid-save leaves the previous checkpoint as the latest restorable one. Restoring 
 read onto 1 or 2 devices (HyperCLOVA's "checkpoint merge"), with no conversion step.
 """
 
+import logging
+import math
 import os
 import re
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from t5k.models.stack import LAYER_KEY
+
+_log = logging.getLogger(__name__)
 
 
 @gin.configurable
@@ -39,11 +43,25 @@ class CheckpointMismatchError(ValueError):
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Any:
     """Restores `step` (default: the latest) onto the shardings carried by `abstract_state`.
 
-    Raises CheckpointMismatchError (see `check_restorable`) when the checkpoint holds another tree."""
+    A checkpoint that differs from the state only in its layer layout (written with the other
+    `TransformerConfig.scan_layers`) is converted while it is read: every parameter *and* optimizer-state leaf is
+    sliced out of, or stacked from, its counterpart (see `_layer_layout_plan`), so a run resumes exactly where it
+    stopped with the other layout. Raises CheckpointMismatchError (see `check_restorable`) for any other tree."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    check_restorable(_latest_step_dir(str(manager.directory), step), abstract_state)
+    item_dir = _latest_step_dir(str(manager.directory), step)
+    try:
+        check_restorable(item_dir, abstract_state)
+    except CheckpointMismatchError:
+        stored = _stored_leaves(item_dir)
+        plan = _layer_layout_plan(stored, abstract_state)
+        if plan is None:
+            raise
+        _log.info("checkpoint %s: layer layout converted (scanned <-> unrolled) while restoring", item_dir)
+        targets = _flatten(abstract_state)
+        leaves = _restore_planned(item_dir, (), stored, plan, targets, {})
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -55,8 +73,7 @@ def check_restorable(item_dir: str, abstract_state: Any, examples: int = 2) -> N
     part differs: `params` (the checkpoint was written by another model configuration) or only `opt_state` (by
     another optimizer, or by a t5k whose optimizer state had another layout), with the way out for each.
     """
-    stored = {path: tuple(leaf.shape) for path, leaf in _flatten(_read_metadata(item_dir), is_leaf=_is_array).items()
-              if _is_array(leaf)}
+    stored = {path: tuple(leaf.shape) for path, leaf in _stored_leaves(item_dir).items()}
     target = {path: tuple(leaf.shape) for path, leaf in _flatten(abstract_state).items()}
     missing = [p for p in target if p not in stored]
     unexpected = [p for p in stored if p not in target]
@@ -186,6 +203,12 @@ def _read_metadata(item_dir: str) -> Dict[str, Any]:
     return metadata.tree if hasattr(metadata, "tree") else metadata
 
 
+def _stored_leaves(item_dir: str) -> Dict[str, Any]:
+    """{path: ArrayMetadata} of every array stored in `item_dir` (metadata only)."""
+    return {path: leaf for path, leaf in _flatten(_read_metadata(item_dir), is_leaf=_is_array).items()
+            if _is_array(leaf)}
+
+
 def _stored_params(item_dir: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
     """(prefix of the params subtree in the stored tree, {relative path: ArrayMetadata})."""
     tree = _read_metadata(item_dir)
@@ -245,6 +268,14 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
                              f"{recipe.describe(stored)} in the checkpoint has shape {recipe.shape(stored)}")
         plan[path] = recipe
 
+    leaves = _restore_planned(item_dir, prefix, stored, plan, targets, fallbacks)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+
+
+def _restore_planned(item_dir: str, prefix: Tuple[str, ...], stored, plan: Dict[str, Optional["_Recipe"]],
+                     targets: Dict[str, Any], fallbacks: Dict[str, Any]) -> List[Any]:
+    """The leaves of `targets` (in order) built by their recipes from the arrays under `prefix` in `item_dir`
+    (None: the fallback value), each on its target's sharding."""
     # Read every needed source once, onto the sharding of the first target that uses it (with the layer axis
     # replicated when the source and the target stack their layers differently).
     read: Dict[str, Any] = {}
@@ -256,13 +287,24 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
                                                     sharding=_source_sharding(targets[path], len(shape)))
     values: Dict[str, Any] = {}
     if read:
-        item = _nest({"/".join(prefix + (k,)): v for k, v in read.items()})
+        if prefix:  # a subtree of dicts: restore just the leaves read
+            item, partial = _nest({"/".join(prefix + (k,)): v for k, v in read.items()}), True
+        else:  # the whole stored tree (its sequences kept as stored), leaves not read included (placeholders)
+            one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+            def spec(key_path, leaf):
+                path = _path_str(key_path)
+                return read[path] if path in read else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                            sharding=one_device)
+
+            item = jax.tree_util.tree_map_with_path(spec, _read_metadata(item_dir), is_leaf=_is_array)
+            partial = False
         restored = ocp.PyTreeCheckpointer().restore(
             item_dir,
             args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                        partial_restore=True),
+                                        partial_restore=partial),
         )
-        values = _flatten(restored["params"] if prefix else restored)
+        values = _flatten(restored[prefix[0]] if prefix else restored)
 
     returned = set()
 
@@ -277,21 +319,24 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
         returned.add(id(value))
         return value
 
-    leaves = [leaf(path) for path in targets]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+    return [leaf(path) for path in targets]
 
 
 
 class _Recipe(NamedTuple):
     """How a target leaf is made from checkpoint leaves: `copy` one, `slice` layer `index` out of a stacked
-    (`nn.scan`-ned, `layers/...` with a leading layer axis) one, or `stack` the per-layer (`layers_0/...`, …) ones."""
+    (`nn.scan`-ned, `layers/...` with a leading layer axis) one, `stack` the per-layer (`layers_0/...`, …) ones,
+    or `reshape` a one-element placeholder (Adafactor's `[1, …, 1]` slot of a statistic a parameter does not
+    keep) to the target's rank, which is one more or one less in the other layer layout."""
 
     kind: str
     sources: Tuple[str, ...]
-    index: int = 0
+    index: int = 0  # `slice`: the layer; `reshape`: the target's rank
 
     def shape(self, stored) -> Tuple[int, ...]:
         first = tuple(stored[self.sources[0]].shape)
+        if self.kind == "reshape":
+            return (1,) * self.index
         if self.kind == "slice":
             return first[1:]
         if self.kind == "stack":
@@ -303,26 +348,32 @@ class _Recipe(NamedTuple):
             return f"{self.sources[0]!r}[{self.index}] (of {tuple(stored[self.sources[0]].shape)})"
         if self.kind == "stack":
             return f"{self.sources[0]!r} … {self.sources[-1]!r} stacked"
+        if self.kind == "reshape":
+            return f"{self.sources[0]!r} reshaped to rank {self.index}"
         return repr(self.sources[0])
 
     def build(self, values):
         if self.kind == "slice":
             return values[self.sources[0]][self.index]
+        if self.kind == "reshape":
+            return jnp.reshape(values[self.sources[0]], (1,) * self.index)
         if self.kind == "stack":
             return jnp.stack([values[source] for source in self.sources])
         return values[self.sources[0]]
 
 
-def _other_layer_layout(source: str, stored) -> Optional[_Recipe]:
+def _other_layer_layout(source: str, stored, placeholders: bool = False) -> Optional[_Recipe]:
     """`source` from a checkpoint that stacks its layers the other way: an unrolled `…/layers_3/…` read from the
     scanned `…/layers/…` (layer 3 of its leading axis), or a scanned `…/layers/…` from `…/layers_0/…`,
-    `…/layers_1/…`, … . So a model trained with `TransformerConfig.scan_layers` loads unrolled, and back."""
+    `…/layers_1/…`, … . So a model trained with `TransformerConfig.scan_layers` loads unrolled, and back.
+    With `placeholders`, a one-element stacked leaf (an optimizer placeholder, not stacked) serves every layer."""
     parts = source.split("/")
     for j, part in enumerate(parts):
         match = LAYER_KEY.match(part)
         if match:
             stacked = "/".join(parts[:j] + ["layers"] + parts[j + 1:])
-            if stacked in stored and int(match.group(1)) < stored[stacked].shape[0]:
+            if stacked in stored and (int(match.group(1)) < stored[stacked].shape[0]
+                                      or (placeholders and math.prod(stored[stacked].shape) == 1)):
                 return _Recipe("slice", (stacked,), int(match.group(1)))
         elif part == "layers":
             per_layer = []
@@ -331,6 +382,37 @@ def _other_layer_layout(source: str, stored) -> Optional[_Recipe]:
             if per_layer:
                 return _Recipe("stack", tuple(per_layer))
     return None
+
+
+def _layer_layout_plan(stored: Dict[str, Any], abstract_state: Any) -> Optional[Dict[str, _Recipe]]:
+    """A recipe for every leaf of `abstract_state` (parameters and optimizer state alike) from a checkpoint that
+    stores the same tree in the other layer layout; None when anything else differs.
+
+    Per-layer statistics follow their parameter (Adafactor keeps each statistic at its parameter's rank and treats
+    the `layers` axis as a batch of matrices, so slicing or stacking the state is exactly the state the other
+    layout would have built), one-element placeholders are reshaped, and every stored leaf must be used, every
+    layer of a stacked leaf included: a checkpoint of a deeper or shallower model is not a layout change."""
+    plan: Dict[str, _Recipe] = {}
+    for path, target in _flatten(abstract_state).items():
+        shape = tuple(target.shape)
+        recipe = _Recipe("copy", (path,)) if path in stored else _other_layer_layout(path, stored, True)
+        if recipe is None:
+            return None
+        if recipe.kind != "copy" and math.prod(shape) == 1 and all(
+                math.prod(stored[source].shape) == 1 for source in recipe.sources):
+            recipe = _Recipe("reshape", recipe.sources[:1], len(shape))
+        if recipe.shape(stored) != shape:
+            return None
+        plan[path] = recipe
+    used = {source for recipe in plan.values() for source in recipe.sources}
+    sliced = {}
+    for recipe in plan.values():
+        if recipe.kind == "slice":
+            sliced.setdefault(recipe.sources[0], set()).add(recipe.index)
+    whole = all(indices == set(range(stored[source].shape[0])) for source, indices in sliced.items())
+    placeholders = {source for source in stored if math.prod(stored[source].shape) == 1  # per-layer ones past
+                    and any(LAYER_KEY.match(part) for part in source.split("/"))}  # the first are not read
+    return plan if whole and not (set(stored) - used - placeholders) else None
 
 
 def _source_sharding(target, rank: int):

@@ -2,6 +2,8 @@
 partial restore with a regex assignment map (new subtrees kept fresh, renamed sources, clear errors), across
 layer layouts (scanned <-> unrolled); restore errors that name the leaves; the fine-tuning start state."""
 
+import functools
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,8 +37,10 @@ def _run(jitted, *args):
 
 
 def _optimizer(model):
-    return optim.make_optimizer(optimizer=optim.adafactor, schedule=optim.constant_schedule(0.01),
-                                param_axes=trainer.param_axes(model))
+    """Adafactor factoring these small matrices too (dims >= 16), so the state holds both factored statistics and
+    placeholders."""
+    return optim.make_optimizer(optimizer=functools.partial(optim.adafactor, min_dim_size_to_factor=16),
+                                schedule=optim.constant_schedule(0.01), param_axes=trainer.param_axes(model))
 
 
 def _mesh(data, model_axis):
@@ -100,13 +104,15 @@ def test_4x2_checkpoint_restores_on_fewer_devices(trained_on_4x2, data, model_ax
     ("optimizer", r"leaves of the state are not in it \(e\.g\. opt_state/.*Only the optimizer state differs"),
     ("model", r"leaves differ in shape \(e\.g\. params/\w+/layers_0/mlp/wi_0/kernel \(32, 48\) in it vs "
               r"\(32, 64\).*another model configuration"),
-    ("scan", r"another model configuration; .* \(it was written with TransformerConfig.scan_layers = False\)"),
+    ("scan+model", r"another model configuration; .* \(it was written with TransformerConfig.scan_layers = False\)"),
+    ("scan+deeper", r"another model configuration; .* \(it was written with TransformerConfig.scan_layers = False\)"),
 ])
 def test_restore_into_another_state_names_the_leaves(trained_on_4x2, change, expected):
     """Restoring a checkpoint into the state of another optimizer or model fails before Orbax reads anything,
     naming the differing leaves and which part (parameters or optimizer state) differs."""
     directory, _, _ = trained_on_4x2
-    config = {"model": CONFIG.replace(d_ff=64), "scan": CONFIG.replace(scan_layers=True)}.get(change, CONFIG)
+    config = {"model": CONFIG.replace(d_ff=64), "scan+model": CONFIG.replace(scan_layers=True, d_ff=64),
+              "scan+deeper": CONFIG.replace(scan_layers=True, num_decoder_layers=3)}.get(change, CONFIG)
     model = EncoderDecoder(config)
     optimizer = (optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(0.01))
                  if change == "optimizer" else _optimizer(model))
@@ -142,6 +148,63 @@ def test_unrolled_checkpoint_restores_into_scanned_layers_and_back(trained_on_4x
     deeper = _abstract_params(CONFIG.replace(num_decoder_layers=3))  # a layer the stacked source does not have
     with pytest.raises(KeyError, match=r"target 'decoder/layers_2/.* has no parameter"):
         checkpoints.restore_params(scanned_dir, deeper)
+
+
+def test_resume_converts_the_whole_state_between_layer_layouts(trained_on_4x2, tmp_path):
+    """A TrainState checkpoint written unrolled resumes into a scanned run (and back): parameters and Adafactor
+    statistics are stacked (sliced), placeholders keep their value at the other rank, shardings are the run's;
+    the next training step from the converted state equals the step the unrolled run would take."""
+    from t5k.models import stack
+
+    directory, saved, _ = trained_on_4x2
+    scanned_model, unrolled_model = EncoderDecoder(CONFIG.replace(scan_layers=True)), EncoderDecoder(CONFIG)
+    mesh, rules = _mesh(2, 2), partitioning.logical_axis_rules()
+
+    def target(model, optimizer):
+        with partitioning.activate(mesh, rules):
+            return trainer.abstract_state(model, optimizer, trainer.state_shardings(model, optimizer, mesh, rules))
+
+    scanned_optimizer = _optimizer(scanned_model)
+    scanned_target = target(scanned_model, scanned_optimizer)
+    state = checkpoints.restore(checkpoints.checkpoint_manager(directory, async_save=False), scanned_target)
+    for leaf, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(scanned_target)):
+        assert leaf.sharding == want.sharding and leaf.shape == want.shape
+    host = jax.device_get(state)
+    assert int(host.step) == 1 and int(host.skipped) == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, host.params, stack.stack_layer_params(saved.params))
+    adafactor = host.opt_state[0]
+    for field in ("v_row", "v_col", "v"):
+        expected = stack.stack_layer_params(getattr(saved.opt_state[0], field))
+        for got, want in zip(jax.tree_util.tree_leaves(getattr(adafactor, field)), jax.tree_util.tree_leaves(expected)):
+            if got.size == 1 and want.size > 1:  # a placeholder (the parameter keeps no such statistic)
+                np.testing.assert_array_equal(got.reshape(()), want.reshape(-1)[0])
+            else:
+                np.testing.assert_array_equal(got, want)
+    for field in ("v_row", "v"):  # both factored statistics and placeholders were converted
+        sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(getattr(adafactor, field))]
+        assert min(sizes) == 1 and max(sizes) > 1, (field, sizes)
+
+    # Back: the converted state saved scanned resumes unrolled, equal to what was first saved.
+    manager = checkpoints.checkpoint_manager(str(tmp_path / "scanned"), save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 1, state, force=True)
+    manager.wait_until_finished()
+    unrolled_optimizer = _optimizer(unrolled_model)
+    back = checkpoints.restore(manager, target(unrolled_model, unrolled_optimizer))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(back), saved)
+
+    # The same update from both layouts (a wrong statistic or a mixed-up layer would change it).
+    batch = _batch(2)
+
+    def step(model, optimizer, start):
+        return _run(jax.jit(lambda s, b: trainer.train_step(s, b, None, model=model, optimizer=optimizer,
+                                                            loss_config=trainer.LossConfig())[0]), start, batch)
+
+    from_scanned = jax.device_get(step(scanned_model, scanned_optimizer, host))
+    from_unrolled = jax.device_get(step(unrolled_model, unrolled_optimizer, saved))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           from_scanned.params, stack.stack_layer_params(from_unrolled.params))
+    assert not np.array_equal(from_unrolled.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"],
+                              saved.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"])
 
 
 def test_finetuning_state_from_a_checkpoint_with_new_layers_kept_fresh(trained_on_4x2):
