@@ -156,9 +156,9 @@ def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: O
         else:
             method = f"{k}-shot generation"
             line_end = config.replace(stop_strings=tuple(dict.fromkeys(config.stop_strings + ("\n",))))
-            generate = infer.model_generator(loaded, line_end, batch_size)
+            generate = infer.model_generator(loaded, batch_size)
             seeds = [(seed + i) % (1 << 32) for i in range(len(prompts))]
-            by_sum = [samples[0].strip() for samples in generate(prompts, seeds, ())]
+            by_sum = [samples[0].strip() for samples in generate(prompts, seeds, line_end)]
     targets = [_postprocess(task, e.target, e.record, True) for e in examples]
     predictions = [_postprocess(task, text, e.record, False) for text, e in zip(by_sum, examples)]
     metrics = _metrics(task, targets, predictions, None)

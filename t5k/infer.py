@@ -3,15 +3,20 @@
     t5k infer --gin_file=gin/models/ct5_tiny.gin --checkpoint runs/quickstart --input prompts.jsonl \\
               --output out.jsonl [--gin.DecodeConfig.method="'sample'"] [--gin.infer.batch_size=16]
 
-Input: one JSON value per line: an object `{"prompt": "...", "id": <any>, "stop": ["..."]}` ("id" and "stop"
-optional; "stop" adds stop strings to the gin `DecodeConfig.stop_strings` for that line) or a bare JSON string
-(the prompt).
+Input: one JSON value per line: an object `{"prompt": "...", "id": <any>, "stop": ["..."], "max_new_tokens": 32,
+"temperature": 0.7, ...}` or a bare JSON string (the prompt). Everything but "prompt" is optional: "stop" adds stop
+strings to the gin `DecodeConfig.stop_strings` for that line, and the decoding settings of `LINE_SETTINGS` (the
+Studio controls: response length, temperature, top-k, top-p, repetition penalty, and the method, beams, samples)
+replace the gin `DecodeConfig`'s for that line. Other fields are ignored (a line may carry its own metadata).
 
 Output: one JSON object per input line, in input order:
     {"line": 3, "id": ..., "prompt": "...", "outputs": ["...", ...]}    (DecodeConfig.num_samples texts)
     {"line": 4, "error": "prompts.jsonl:4: ..."}                         (bad input; the run goes on)
 Bad input is an empty prompt, a prompt longer than the model takes, a line that is not valid JSON (or has the
-wrong shape) and a prompt or stop string the vocabulary cannot encode.
+wrong shape), a prompt or stop string the vocabulary cannot encode, and a decoding setting of the wrong type or
+out of its range.
+
+Lines are generated in groups of equal settings (one decoding program per distinct combination, compiled once).
 
 Resume: each record is written whole and flushed. Rerunning the same command on a partial output keeps its
 complete records, drops a truncated last line (a kill mid-write), and continues with the first missing input
@@ -32,7 +37,15 @@ from tqdm import tqdm
 
 from t5k import cli, decoding, gin_utils, model_loading, partitioning
 
-Generator = Callable[[List[str], List[int], Tuple[str, ...]], List[List[str]]]
+Generator = Callable[[List[str], List[int], decoding.DecodeConfig], List[List[str]]]
+PromptLimit = Callable[[decoding.DecodeConfig], int]  # most prompt tokens a line with these settings may have
+
+# Decoding settings a line may set for itself, over gin's `DecodeConfig` (HyperCLOVA Studio's per-request
+# controls), with the JSON type each takes.
+LINE_SETTINGS = {"method": str, "max_new_tokens": int, "min_new_tokens": int, "num_beams": int,
+                 "length_penalty": float, "temperature": float, "top_k": int, "top_p": float,
+                 "repetition_penalty": float, "num_samples": int}
+_ACCEPTED = {str: (str, "a string"), int: (int, "an integer"), float: ((int, float), "a number")}
 
 
 class InputError(ValueError):
@@ -44,7 +57,7 @@ class Request:
     line: int  # 1-based line number in the input file
     id: Any
     prompt: str
-    stop: Tuple[str, ...]
+    config: decoding.DecodeConfig  # gin's, with the line's stop strings and settings
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -61,7 +74,21 @@ def _encodable(vocabulary, text: str, where: str) -> List[int]:
     return ids
 
 
-def parse_request(line_number: int, text: str, vocabulary, max_prompt_tokens: int, where: str) -> Request:
+def _line_settings(value: Dict[str, Any], at: str) -> Dict[str, Any]:
+    """The `LINE_SETTINGS` fields present in a line, type-checked (JSON booleans are not numbers)."""
+    settings = {}
+    for name, kind in LINE_SETTINGS.items():
+        if name not in value:
+            continue
+        setting, (json_types, expected) = value[name], _ACCEPTED[kind]
+        if isinstance(setting, bool) or not isinstance(setting, json_types):
+            raise InputError(f"{at}: field \"{name}\": expected {expected}, got {setting!r}")
+        settings[name] = kind(setting)
+    return settings
+
+
+def parse_request(line_number: int, text: str, vocabulary, where: str, base: decoding.DecodeConfig,
+                  prompt_limit: PromptLimit) -> Request:
     """One input line -> Request; InputError naming `where:line` and the field for anything unusable."""
     at = f"{where}:{line_number}"
     try:
@@ -80,13 +107,22 @@ def parse_request(line_number: int, text: str, vocabulary, max_prompt_tokens: in
         raise InputError(f"{at}: field \"prompt\" is empty")
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise InputError(f"{at}: field \"stop\": expected a list of non-empty strings, got {stop!r}")
-    ids = _encodable(vocabulary, prompt, f"{at}: field \"prompt\"")
-    if len(ids) > max_prompt_tokens:
-        raise InputError(f"{at}: field \"prompt\" is {len(ids)} tokens; the model takes at most "
-                         f"{max_prompt_tokens} (infer.input_length, or max_length minus max_new_tokens)")
     for i, s in enumerate(stop):
         _encodable(vocabulary, s, f"{at}: field \"stop\"[{i}]")
-    return Request(line_number, value.get("id"), prompt, tuple(stop))
+    settings = _line_settings(value, at)
+    try:
+        config = base.replace(stop_strings=tuple(dict.fromkeys(base.stop_strings + tuple(stop))), **settings)
+    except ValueError as e:
+        # A setting out of its range: "DecodeConfig.top_p = 2.0; expected in (0, 1]" (gin adds lines naming the
+        # configurable, dropped here).
+        reason = str(e).splitlines()[0]
+        raise InputError(f"{at}: {reason} (the line's settings over gin's DecodeConfig)") from e
+    ids = _encodable(vocabulary, prompt, f"{at}: field \"prompt\"")
+    limit = prompt_limit(config)
+    if len(ids) > limit:
+        raise InputError(f"{at}: field \"prompt\" is {len(ids)} tokens; the model takes at most "
+                         f"{limit} (infer.input_length, or max_length minus max_new_tokens)")
+    return Request(line_number, value.get("id"), prompt, config)
 
 
 # ------------------------------------------------------------------------------------------------ output / resume
@@ -156,11 +192,12 @@ def _write(f, records: Sequence[Dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def infer_file(input_path: str, output_path: str, generate: Generator, vocabulary, max_prompt_tokens: int,
-               batch_size: int, seed: int = 0, progress: bool = True) -> Dict[str, int]:
+def infer_file(input_path: str, output_path: str, generate: Generator, vocabulary, base: decoding.DecodeConfig,
+               prompt_limit: PromptLimit, batch_size: int, seed: int = 0, progress: bool = True) -> Dict[str, int]:
     """Streams `input_path` in chunks of `batch_size` lines and appends one record per line to `output_path`.
 
-    `generate(prompts, seeds, stop_strings) -> [prompt][sample] texts`. Returns counts of written records.
+    `generate(prompts, seeds, config) -> [prompt][sample] texts`; `base` is the gin DecodeConfig the lines'
+    settings apply over. Returns counts of written records.
     """
     done = completed_lines(output_path)
     _check_same_input(output_path, input_path, done)
@@ -174,30 +211,29 @@ def infer_file(input_path: str, output_path: str, generate: Generator, vocabular
                 continue
             chunk.append((number, text))
             if len(chunk) == batch_size:
-                _serve_chunk(chunk, out, generate, vocabulary, max_prompt_tokens, seed, counts, input_path)
+                _serve_chunk(chunk, out, generate, vocabulary, base, prompt_limit, seed, counts, input_path)
                 bar.update(len(chunk))
                 chunk = []
         if chunk:
-            _serve_chunk(chunk, out, generate, vocabulary, max_prompt_tokens, seed, counts, input_path)
+            _serve_chunk(chunk, out, generate, vocabulary, base, prompt_limit, seed, counts, input_path)
             bar.update(len(chunk))
     bar.close()
     return counts
 
 
-def _serve_chunk(chunk, out, generate: Generator, vocabulary, max_prompt_tokens, seed, counts, input_path):
+def _serve_chunk(chunk, out, generate: Generator, vocabulary, base, prompt_limit, seed, counts, input_path):
     records: Dict[int, Dict[str, Any]] = {}
     requests: List[Request] = []
-    where = input_path
     for number, text in chunk:
         try:
-            requests.append(parse_request(number, text, vocabulary, max_prompt_tokens, where))
+            requests.append(parse_request(number, text, vocabulary, input_path, base, prompt_limit))
         except InputError as e:
             records[number] = {"line": number, "error": str(e)}
-    by_stop: Dict[Tuple[str, ...], List[Request]] = {}
+    by_config: Dict[decoding.DecodeConfig, List[Request]] = {}
     for request in requests:
-        by_stop.setdefault(request.stop, []).append(request)
-    for stop, group in by_stop.items():
-        outputs = generate([r.prompt for r in group], [(seed + r.line) % (1 << 32) for r in group], stop)
+        by_config.setdefault(request.config, []).append(request)
+    for config, group in by_config.items():
+        outputs = generate([r.prompt for r in group], [(seed + r.line) % (1 << 32) for r in group], config)
         for request, texts in zip(group, outputs):
             records[request.line] = {"line": request.line, "id": request.id, "prompt": request.prompt,
                                      "outputs": list(texts)}
@@ -210,14 +246,13 @@ def _serve_chunk(chunk, out, generate: Generator, vocabulary, max_prompt_tokens,
 # ------------------------------------------------------------------------------------------------ the model side
 
 
-def model_generator(loaded, config, batch_size: int) -> Generator:
+def model_generator(loaded, batch_size: int) -> Generator:
     """A Generator over `t5k.decoding`: every call runs `batch_size` rows (short groups are padded with copies
-    of their first prompt, whose outputs are dropped), so one program serves the whole file and each row's
-    batch dimension divides the mesh's data axis."""
+    of their first prompt, whose outputs are dropped), so one program per decoding config serves the whole file
+    and each row's batch dimension divides the mesh's data axis."""
     params = decoding.params_for_decoding(loaded.model, loaded.params)  # once, not per batch
 
-    def generate(prompts: List[str], seeds: List[int], stop: Tuple[str, ...]) -> List[List[str]]:
-        line_config = config.replace(stop_strings=tuple(dict.fromkeys(config.stop_strings + stop)))
+    def generate(prompts: List[str], seeds: List[int], line_config: decoding.DecodeConfig) -> List[List[str]]:
         texts: List[List[str]] = []
         for start in range(0, len(prompts), batch_size):
             rows, row_seeds = prompts[start: start + batch_size], seeds[start: start + batch_size]
@@ -263,8 +298,9 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     data_axis = loaded.mesh.shape["data"]
     if batch_size % data_axis:
         raise ValueError(f"infer.batch_size={batch_size} is not divisible by the mesh's data axis ({data_axis})")
-    return infer_file(input_path, output_path, model_generator(loaded, config, batch_size), loaded.vocabulary,
-                      max_prompt_tokens(loaded, config, input_length), batch_size, seed, progress)
+    return infer_file(input_path, output_path, model_generator(loaded, batch_size), loaded.vocabulary, config,
+                      lambda line_config: max_prompt_tokens(loaded, line_config, input_length), batch_size, seed,
+                      progress)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -127,3 +127,44 @@ def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path
     _write_lines(source, [json.dumps({"prompt": "전혀 다른 입력"}, ensure_ascii=False)] + lines[1:])
     with pytest.raises(ValueError, match="line 1 was written for a different prompt"):
         infer.infer(str(source), str(partial), directory, num_devices=1, progress=False)
+
+
+def test_line_settings_replace_the_gin_decoding_settings_for_that_line(checkpoint_4x2, tmp_path):
+    """A line's Studio controls (response length, sampling settings, samples) apply to it alone, over gin's
+    DecodeConfig; other fields are metadata; settings of the wrong type or out of range are error records."""
+    directory, _ = checkpoint_4x2
+    sample = {"method": "sample", "temperature": 0.7, "top_k": 5, "num_samples": 2}
+    lines = [
+        {"prompt": "안녕하세요", "max_new_tokens": 2},
+        {"prompt": "안녕하세요"},
+        {"prompt": "서울의 날씨는", **sample},
+        {"prompt": "서울의 날씨는", "top_p": 2},
+        {"prompt": "서울의 날씨는", "temperature": "hot"},
+        {"prompt": "서울의 날씨는", "max_new_tokens": True},
+        {"prompt": "서울의 날씨는", "min_new_tokens": 9},  # more than gin's max_new_tokens = 4
+        {"prompt": "안녕하세요", "max_new_tokens": 2, "source": "metadata, ignored"},
+    ]
+    source, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    _write_lines(source, [json.dumps(line, ensure_ascii=False) for line in lines])
+    counts = infer.infer(str(source), str(output), directory, num_devices=1, progress=False)
+    assert counts == {"outputs": 4, "errors": 4, "skipped": 0}
+    records = {r["line"]: r for r in _records(output)}
+    assert records[4]["error"].startswith(f"{source}:4: DecodeConfig.top_p = 2.0; expected in (0, 1]")
+    assert records[5]["error"] == f"{source}:5: field \"temperature\": expected a number, got 'hot'"
+    assert records[6]["error"] == f"{source}:6: field \"max_new_tokens\": expected an integer, got True"
+    assert records[7]["error"].startswith(f"{source}:7: DecodeConfig.min_new_tokens = 9; expected in [0, max_new_tokens]")
+
+    loaded = model_loading.load_model(directory, num_devices=1)
+    base = decoding.DecodeConfig()
+    assert base.max_new_tokens == 4
+
+    def reference(prompt, config, seed):  # two rows, as infer's batch_size, row 0 read
+        with partitioning.activate(loaded.mesh, loaded.rules):
+            return decoding.generate_text(loaded.model, loaded.params, loaded.vocabulary, [prompt] * 2, config, seed)[0]
+
+    short = reference("안녕하세요", base.replace(max_new_tokens=2), 1)
+    assert records[1]["outputs"] == records[8]["outputs"] == short
+    assert records[2]["outputs"] == reference("안녕하세요", base, 2)
+    assert records[3]["outputs"] == reference("서울의 날씨는", base.replace(**sample), 3)
+    assert len(records[3]["outputs"]) == 2
+    assert len(loaded.vocabulary.encode(short[0])) <= 2 < len(loaded.vocabulary.encode(records[2]["outputs"][0]))
