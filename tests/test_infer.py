@@ -152,7 +152,8 @@ def test_line_settings_replace_the_gin_decoding_settings_for_that_line(checkpoin
     assert records[4]["error"].startswith(f"{source}:4: DecodeConfig.top_p = 2.0; expected in (0, 1]")
     assert records[5]["error"] == f"{source}:5: field \"temperature\": expected a number, got 'hot'"
     assert records[6]["error"] == f"{source}:6: field \"max_new_tokens\": expected an integer, got True"
-    assert records[7]["error"].startswith(f"{source}:7: DecodeConfig.min_new_tokens = 9; expected in [0, max_new_tokens]")
+    assert records[7]["error"].startswith(
+        f"{source}:7: DecodeConfig.min_new_tokens = 9; expected in [0, max_new_tokens]")
 
     loaded = model_loading.load_model(directory, num_devices=1)
     base = decoding.DecodeConfig()
