@@ -54,13 +54,13 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
     try:
         check_restorable(item_dir, abstract_state)
     except CheckpointMismatchError:
-        stored = _stored_leaves(item_dir)
+        tree = _read_metadata(item_dir)
+        stored = _stored_leaves(tree)
         plan = _layer_layout_plan(stored, abstract_state)
         if plan is None:
             raise
         _log.info("checkpoint %s: layer layout converted (scanned <-> unrolled) while restoring", item_dir)
-        targets = _flatten(abstract_state)
-        leaves = _restore_planned(item_dir, (), stored, plan, targets, {})
+        leaves = _restore_planned(item_dir, (), stored, plan, _flatten(abstract_state), {}, tree)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
@@ -73,7 +73,7 @@ def check_restorable(item_dir: str, abstract_state: Any, examples: int = 2) -> N
     part differs: `params` (the checkpoint was written by another model configuration) or only `opt_state` (by
     another optimizer, or by a t5k whose optimizer state had another layout), with the way out for each.
     """
-    stored = {path: tuple(leaf.shape) for path, leaf in _stored_leaves(item_dir).items()}
+    stored = {path: tuple(leaf.shape) for path, leaf in _stored_leaves(_read_metadata(item_dir)).items()}
     target = {path: tuple(leaf.shape) for path, leaf in _flatten(abstract_state).items()}
     missing = [p for p in target if p not in stored]
     unexpected = [p for p in stored if p not in target]
@@ -203,10 +203,9 @@ def _read_metadata(item_dir: str) -> Dict[str, Any]:
     return metadata.tree if hasattr(metadata, "tree") else metadata
 
 
-def _stored_leaves(item_dir: str) -> Dict[str, Any]:
-    """{path: ArrayMetadata} of every array stored in `item_dir` (metadata only)."""
-    return {path: leaf for path, leaf in _flatten(_read_metadata(item_dir), is_leaf=_is_array).items()
-            if _is_array(leaf)}
+def _stored_leaves(tree: Any) -> Dict[str, Any]:
+    """{path: ArrayMetadata} of every array in a stored metadata tree (`_read_metadata`)."""
+    return {path: leaf for path, leaf in _flatten(tree, is_leaf=_is_array).items() if _is_array(leaf)}
 
 
 def _stored_params(item_dir: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
@@ -273,9 +272,10 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
 
 
 def _restore_planned(item_dir: str, prefix: Tuple[str, ...], stored, plan: Dict[str, Optional["_Recipe"]],
-                     targets: Dict[str, Any], fallbacks: Dict[str, Any]) -> List[Any]:
+                     targets: Dict[str, Any], fallbacks: Dict[str, Any], tree: Any = None) -> List[Any]:
     """The leaves of `targets` (in order) built by their recipes from the arrays under `prefix` in `item_dir`
-    (None: the fallback value), each on its target's sharding."""
+    (None: the fallback value), each on its target's sharding. Without a prefix, the plan reads every stored
+    array and `tree` is the stored metadata tree (its structure is what Orbax restores)."""
     # Read every needed source once, onto the sharding of the first target that uses it (with the layer axis
     # replicated when the source and the target stack their layers differently).
     read: Dict[str, Any] = {}
@@ -289,15 +289,9 @@ def _restore_planned(item_dir: str, prefix: Tuple[str, ...], stored, plan: Dict[
     if read:
         if prefix:  # a subtree of dicts: restore just the leaves read
             item, partial = _nest({"/".join(prefix + (k,)): v for k, v in read.items()}), True
-        else:  # the whole stored tree (its sequences kept as stored), leaves not read included (placeholders)
-            one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-            def spec(key_path, leaf):
-                path = _path_str(key_path)
-                return read[path] if path in read else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                                            sharding=one_device)
-
-            item = jax.tree_util.tree_map_with_path(spec, _read_metadata(item_dir), is_leaf=_is_array)
+        else:  # the whole stored tree, its sequences kept as stored
+            item = jax.tree_util.tree_map_with_path(lambda key_path, _: read[_path_str(key_path)], tree,
+                                                    is_leaf=_is_array)
             partial = False
         restored = ocp.PyTreeCheckpointer().restore(
             item_dir,
@@ -327,7 +321,8 @@ class _Recipe(NamedTuple):
     """How a target leaf is made from checkpoint leaves: `copy` one, `slice` layer `index` out of a stacked
     (`nn.scan`-ned, `layers/...` with a leading layer axis) one, `stack` the per-layer (`layers_0/...`, …) ones,
     or `reshape` a one-element placeholder (Adafactor's `[1, …, 1]` slot of a statistic a parameter does not
-    keep) to the target's rank, which is one more or one less in the other layer layout."""
+    keep; the per-layer ones all hold the same value) to the target's rank, one more or one less in the other
+    layer layout."""
 
     kind: str
     sources: Tuple[str, ...]
@@ -395,12 +390,12 @@ def _layer_layout_plan(stored: Dict[str, Any], abstract_state: Any) -> Optional[
     plan: Dict[str, _Recipe] = {}
     for path, target in _flatten(abstract_state).items():
         shape = tuple(target.shape)
-        recipe = _Recipe("copy", (path,)) if path in stored else _other_layer_layout(path, stored, True)
+        recipe = _Recipe("copy", (path,)) if path in stored else _other_layer_layout(path, stored, placeholders=True)
         if recipe is None:
             return None
         if recipe.kind != "copy" and math.prod(shape) == 1 and all(
                 math.prod(stored[source].shape) == 1 for source in recipe.sources):
-            recipe = _Recipe("reshape", recipe.sources[:1], len(shape))
+            recipe = _Recipe("reshape", recipe.sources, len(shape))
         if recipe.shape(stored) != shape:
             return None
         plan[path] = recipe
@@ -410,9 +405,7 @@ def _layer_layout_plan(stored: Dict[str, Any], abstract_state: Any) -> Optional[
         if recipe.kind == "slice":
             sliced.setdefault(recipe.sources[0], set()).add(recipe.index)
     whole = all(indices == set(range(stored[source].shape[0])) for source, indices in sliced.items())
-    placeholders = {source for source in stored if math.prod(stored[source].shape) == 1  # per-layer ones past
-                    and any(LAYER_KEY.match(part) for part in source.split("/"))}  # the first are not read
-    return plan if whole and not (set(stored) - used - placeholders) else None
+    return plan if whole and used == set(stored) else None
 
 
 def _source_sharding(target, rank: int):

@@ -41,10 +41,9 @@ Generator = Callable[[List[str], List[int], decoding.DecodeConfig], List[List[st
 PromptLimit = Callable[[decoding.DecodeConfig], int]  # most prompt tokens a line with these settings may have
 
 # Decoding settings a line may set for itself, over gin's `DecodeConfig` (HyperCLOVA Studio's per-request
-# controls), with the JSON type each takes.
-LINE_SETTINGS = {"method": str, "max_new_tokens": int, "min_new_tokens": int, "num_beams": int,
-                 "length_penalty": float, "temperature": float, "top_k": int, "top_p": float,
-                 "repetition_penalty": float, "num_samples": int}
+# controls). Each takes the JSON type of its `DecodeConfig` default.
+LINE_SETTINGS = ("method", "max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "temperature",
+                 "top_k", "top_p", "repetition_penalty", "num_samples")
 _ACCEPTED = {str: (str, "a string"), int: (int, "an integer"), float: ((int, float), "a number")}
 
 
@@ -77,9 +76,10 @@ def _encodable(vocabulary, text: str, where: str) -> List[int]:
 def _line_settings(value: Dict[str, Any], at: str) -> Dict[str, Any]:
     """The `LINE_SETTINGS` fields present in a line, type-checked (JSON booleans are not numbers)."""
     settings = {}
-    for name, kind in LINE_SETTINGS.items():
+    for name in LINE_SETTINGS:
         if name not in value:
             continue
+        kind = type(getattr(decoding.DecodeConfig, name))
         setting, (json_types, expected) = value[name], _ACCEPTED[kind]
         if isinstance(setting, bool) or not isinstance(setting, json_types):
             raise InputError(f"{at}: field \"{name}\": expected {expected}, got {setting!r}")
