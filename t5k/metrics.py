@@ -171,8 +171,10 @@ def bleu(targets: Sequence[Union[str, Sequence[str]]], predictions: Sequence[str
     import sacrebleu
 
     _check(targets, predictions)
+    if not targets:  # like the other metrics on no examples (sacrebleu itself fails on empty streams)
+        return {"bleu": 0.0}
     refs = [[t] if isinstance(t, str) else list(t) for t in targets]
-    width = max(len(r) for r in refs) if refs else 1
+    width = max(len(r) for r in refs)
     streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
     preds = list(predictions)
     if tokenize == "morph":

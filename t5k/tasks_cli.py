@@ -16,18 +16,31 @@ import json
 import sys
 
 
+def _integer_at_least(minimum: int):
+    """An argparse type: an int >= minimum (argparse turns the ValueError into a one-line usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="print the registered tasks and mixtures")
     show = sub.add_parser("show", help="print decoded examples of a task or mixture")
+    positive, non_negative = _integer_at_least(1), _integer_at_least(0)
     show.add_argument("name")
     show.add_argument("--split", default="train")
-    show.add_argument("-n", type=int, default=3, help="number of examples")
+    show.add_argument("-n", type=positive, default=3, help="number of examples")
     show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--step", type=int, default=0)
-    show.add_argument("--batch_size", type=int, default=1, help="examples per step, for --step")
-    show.add_argument("--inputs", type=int, default=512, help="inputs length")
-    show.add_argument("--targets", type=int, default=114, help="targets length")
+    show.add_argument("--step", type=non_negative, default=0)
+    show.add_argument("--batch_size", type=positive, default=1, help="examples per step, for --step")
+    show.add_argument("--inputs", type=positive, default=512, help="inputs length")
+    show.add_argument("--targets", type=positive, default=114, help="targets length")
     show.add_argument("--json", action="store_true", help="JSON lines with token ids")
     show.add_argument("--train_examples", type=int, default=None,
                       help="train on a fixed subset of this many examples per task (low-data runs)")
@@ -56,6 +69,8 @@ def _show(args) -> int:
     import seqio
 
     import t5k_tasks
+    from t5k.cli import error_line
+    from t5k_tasks import corpora
 
     try:
         provider = seqio.get_mixture_or_task(args.name)
@@ -67,31 +82,34 @@ def _show(args) -> int:
         ds = t5k_tasks.get_dataset(args.name, lengths, split=args.split, seed=args.seed,
                                    start_index=args.step * args.batch_size, examples_per_step=args.batch_size,
                                    train_examples=args.train_examples, subset_seed=args.subset_seed)
-    except ValueError as e:
-        print(f"t5k tasks: {e}", file=sys.stderr)
+        for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
+            _print_example(k, ex, provider.output_features, args.json)
+    except (ValueError, corpora.DataMissingError) as e:  # bad split or argument; data not on this machine
+        print(error_line("tasks", e), file=sys.stderr)
         return 2
-    features = provider.output_features
-    for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
-        record = {}
-        for key in ("inputs", "targets"):
-            if key in ex:
-                ids = [int(i) for i in ex[key]]
-                record[key] = features[key].vocabulary.decode(ids)
-                record[f"{key}_ids"] = ids
-        for key in ("example_index", "step"):
-            if key in ex:
-                record[key] = int(ex[key])
-        if args.json:
-            print(json.dumps(record, ensure_ascii=False))
-        else:
-            head = f"# {k}" + (f"  (example_index {record['example_index']}, step {record['step']})"
-                               if "example_index" in record else "")
-            print(head)
-            for key in ("inputs", "targets"):
-                if key in record:
-                    print(f"{key} ({len(record[key + '_ids'])} ids): {record[key]}")
-            print()
     return 0
+
+
+def _print_example(k: int, ex: dict, features: dict, as_json: bool) -> None:
+    record = {}
+    for key in ("inputs", "targets"):
+        if key in ex:
+            ids = [int(i) for i in ex[key]]
+            record[key] = features[key].vocabulary.decode(ids)
+            record[f"{key}_ids"] = ids
+    for key in ("example_index", "step"):
+        if key in ex:
+            record[key] = int(ex[key])
+    if as_json:
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    head = f"# {k}" + (f"  (example_index {record['example_index']}, step {record['step']})"
+                       if "example_index" in record else "")
+    print(head)
+    for key in ("inputs", "targets"):
+        if key in record:
+            print(f"{key} ({len(record[key + '_ids'])} ids): {record[key]}")
+    print()
 
 
 def run(args: argparse.Namespace, bindings=()) -> int:

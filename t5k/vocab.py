@@ -82,6 +82,10 @@ def read_meta(path: Union[str, Path]) -> dict:
         raise VocabularyError(f"{meta_file}: not a t5k vocabulary directory ({e})") from e
     if meta.get("format") != FORMAT or meta.get("variant") not in VARIANTS:
         raise VocabularyError(f"{meta_file}: unknown format {meta.get('format')!r} / variant {meta.get('variant')!r}")
+    model_file = Path(path) / ("spm.model" if meta["variant"] == "sentencepiece" else "tokenizer.json")
+    if not model_file.is_file():
+        raise VocabularyError(f"{model_file}: missing; a {meta['variant']} vocabulary directory holds it beside "
+                              f"meta.json")
     return meta
 
 
@@ -450,6 +454,13 @@ def _train_sentencepiece(lines: Iterable[str], base_size: int, tmp: str, max_sen
     return spm.SentencePieceProcessor(model_file=os.path.join(tmp, "spm.model")).get_piece_size()
 
 
+def _chmod_like_a_new_directory(path: str) -> None:
+    """mkdtemp creates 0700; a published vocabulary gets the mode `mkdir` would give it (0777 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 def _publish(tmp: str, out: Path) -> None:
     """Move the finished artifact into place (an old artifact or empty dir at `out` is replaced)."""
     if out.exists():
@@ -473,6 +484,8 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
     """
     if variant not in VARIANTS:
         raise VocabularyError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if extra_ids < 0:
+        raise VocabularyError(f"extra_ids must be 0 or more, got {extra_ids}")
     base_size = vocab_size - extra_ids
     if base_size <= len(SPECIALS) + 256:
         raise VocabularyError(f"vocab_size {vocab_size} leaves no room for pieces after {extra_ids} extra_ids")
@@ -485,10 +498,13 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
         if not os.path.isfile(f):
             raise VocabularyError(f"{f}: no such file")
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise VocabularyError(f"{out} exists and is not a directory; refusing to overwrite it")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
         raise VocabularyError(f"{out} exists and is not a vocabulary directory; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    _chmod_like_a_new_directory(tmp)
     try:
         start = time.time()
         lines = read_lines(inputs, progress)
@@ -497,9 +513,13 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
         else:
             spec, got, splitter = _train_bpe(lines, variant, base_size, min_frequency, progress)
             Path(tmp, "tokenizer.json").write_text(spec, encoding="utf-8")
-        if got != base_size:
+        if got < base_size:
             raise VocabularyError(f"the input supports only {got} base pieces at min_frequency={min_frequency}, "
                                   f"not {base_size}: use a smaller --vocab_size or more text")
+        if got > base_size:  # char_bpe: every character of the input is a base piece, whatever the size asked
+            raise VocabularyError(f"the input's {got - len(SPECIALS)} distinct characters and the {len(SPECIALS)} "
+                                  f"specials need {got} base pieces, more than {base_size}: use a --vocab_size of "
+                                  f"at least {got + extra_ids}")
         meta = {
             "format": FORMAT, "variant": variant, "vocab_size": vocab_size, "base_vocab_size": base_size,
             "extra_ids": extra_ids, "specials": dict(zip(SPECIALS, (PAD_ID, EOS_ID, UNK_ID))),

@@ -120,17 +120,20 @@ class SkipLog:
         self.counts: collections.Counter = collections.Counter()
         SKIPPED[self.path].clear()
 
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
     def skip(self, line: int, what: str, reason: str) -> None:
         self.counts[reason] += 1
         SKIPPED[self.path][reason] += 1
-        if sum(self.counts.values()) <= MAX_LOGGED_PER_FILE:
+        if self.total <= MAX_LOGGED_PER_FILE:
             log.warning("t5k_tasks: %s:%d: skipped %s (%s)", self.path, line, what, reason)
 
     def close(self, kept: int, unit: str) -> None:
         if self.counts:
             detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
-            log.warning("t5k_tasks: %s: kept %d %s, skipped %d (%s)", self.path, kept, unit,
-                        sum(self.counts.values()), detail)
+            log.warning("t5k_tasks: %s: kept %d %s, skipped %d (%s)", self.path, kept, unit, self.total, detail)
 
 
 def _open_binary(path) -> io.BufferedIOBase:
@@ -212,9 +215,13 @@ def read_text_documents(path, max_chars: int = MAX_DOCUMENT_CHARS) -> List[Docum
     return docs
 
 
-def read_jsonl(path, what: str = "record") -> Iterator[Tuple[int, dict, SkipLog]]:
-    """(line, object, skips) for each valid JSON object line; invalid lines are skipped and counted."""
+def read_jsonl(path, what: str = "record", unit: Optional[str] = None) -> Iterator[Tuple[int, dict, SkipLog]]:
+    """(line, object, skips) for each valid JSON object line; invalid lines are skipped and counted.
+
+    With `unit` (e.g. "rows"), the file's summary line is logged when the iteration ends; a yielded object counts
+    as kept unless the caller skips it (one `skips.skip` call for that line) before asking for the next one."""
     skips = SkipLog(path)
+    kept = 0
     for number, raw in _lines(path):
         text, error = _decode(raw)
         if text is None:
@@ -226,12 +233,16 @@ def read_jsonl(path, what: str = "record") -> Iterator[Tuple[int, dict, SkipLog]
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            skips.skip(number, what, f"invalid_json: {e.msg} at column {e.colno}")
+            skips.skip(number, what, f"invalid_json: {e.msg} (column {e.colno})")
             continue
         if not isinstance(obj, dict):
             skips.skip(number, what, "invalid_json: not an object")
             continue
+        before = skips.total
         yield number, obj, skips
+        kept += skips.total == before
+    if unit:
+        skips.close(kept, unit)
 
 
 def read_jsonl_documents(path, fields: Sequence[str] = ("text", "content"),
@@ -303,9 +314,13 @@ def read_sessions(path, max_chars: int = MAX_DOCUMENT_CHARS) -> List[Session]:
     return sessions
 
 
-def read_tsv(path, header: bool = True) -> Iterator[Tuple[int, List[str], SkipLog]]:
-    """Rows of a TSV file without quoting (KorSTS/KorNLI contain literal quotes); non-UTF-8 lines skipped."""
+def read_tsv(path, header: bool = True, unit: str = "rows") -> Iterator[Tuple[int, List[str], SkipLog]]:
+    """Rows of a TSV file without quoting (KorSTS/KorNLI contain literal quotes); non-UTF-8 lines skipped.
+
+    The file's summary line is logged when the iteration ends; a yielded row counts as kept unless the caller
+    skips it (one `skips.skip` call for that line) before asking for the next one."""
     skips = SkipLog(path)
+    kept = 0
     for number, raw in _lines(path):
         if header and number == 1:
             continue
@@ -315,7 +330,10 @@ def read_tsv(path, header: bool = True) -> Iterator[Tuple[int, List[str], SkipLo
             continue
         if not text.strip():
             continue
+        before = skips.total
         yield number, text.split("\t"), skips
+        kept += skips.total == before
+    skips.close(kept, unit)
 
 
 def read_csv_records(path) -> List[Tuple[int, dict]]:

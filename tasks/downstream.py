@@ -216,7 +216,7 @@ def wikinews_title_records(split: str) -> List[dict]:
 def petitions_title_records(split: str) -> List[dict]:
     out = []
     for path in sorted(corpora.shared_data_dir().glob("petitions/petitions_*.jsonl.gz")):
-        for number, obj, skips in corpora.read_jsonl(path, "petition"):
+        for number, obj, skips in corpora.read_jsonl(path, "petition", unit="petitions"):
             title, content = str(obj.get("title", "")).strip(), str(obj.get("content", "")).strip()
             if not title or not content:
                 skips.skip(number, "petition", "empty_document")

@@ -36,7 +36,7 @@ def index_context(start_index: int = 0, examples_per_step: int = 1):
     """Within it, `index_examples` starts the stream at `start_index` (skipping the examples before it) and derives
     ``step = example_index // examples_per_step``. Read when the pipeline is built (`get_dataset`)."""
     old = dict(_INDEX_CONTEXT)
-    _INDEX_CONTEXT.update(start_index=int(start_index), examples_per_step=max(1, int(examples_per_step)))
+    _INDEX_CONTEXT.update(start_index=int(start_index), examples_per_step=int(examples_per_step))
     try:
         yield
     finally:
@@ -157,15 +157,26 @@ def get_dataset(mixture_or_task_name: str, sequence_length: Mapping[str, int], s
     `train_examples` (low-data training; gin: ``t5k_tasks.get_dataset.train_examples = 1000``, which `get_batches`
     and so `t5k train` follow): the train split of each task is a fixed subset of that many examples drawn by
     `subset_seed` (`corpora.train_subset`: independent of `seed` and of sharding, nested across sizes); epochs
-    repeat it. Other splits are whole. A task whose source cannot be subset is an error, never silently whole."""
+    repeat it. Other splits are whole. A task whose source cannot be subset is an error, never silently whole.
+    For a mixture, `start_index` counts examples of the mixed stream (each task's `example_index` counts its own).
+    """
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is not in [0, num_shards = {num_shards})")
+    if start_index < 0 or examples_per_step < 1:
+        raise ValueError(f"expected start_index >= 0 and examples_per_step >= 1, got {start_index} and "
+                         f"{examples_per_step}")
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     shuffle = split == "train" if shuffle is None else shuffle
     shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
     if train_examples is not None and split == "train":
         _check_subsettable(provider)
-    with index_context(start_index, examples_per_step), corpora.train_subset(train_examples, subset_seed):
-        return provider.get_dataset(dict(sequence_length), split=split, shuffle=shuffle, seed=seed,
-                                    shard_info=shard_info, num_epochs=num_epochs if shuffle else 1)
+    # A task skips to start_index inside its own pipeline (index_examples); a mixture skips after sampling.
+    skip_mixed = start_index if isinstance(provider, seqio.Mixture) else 0
+    with index_context(start_index - skip_mixed, examples_per_step), corpora.train_subset(train_examples,
+                                                                                           subset_seed):
+        ds = provider.get_dataset(dict(sequence_length), split=split, shuffle=shuffle, seed=seed,
+                                  shard_info=shard_info, num_epochs=num_epochs if shuffle else 1)
+    return ds.skip(skip_mixed) if skip_mixed else ds
 
 
 def _check_subsettable(provider) -> None:

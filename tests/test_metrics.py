@@ -67,6 +67,13 @@ def test_bleu_tokenizations():
     assert multi["bleu_char"] > multi["bleu_13a"]
 
 
+def test_no_examples_score_zero_in_every_metric():
+    assert metrics.bleu([], []) == {"bleu": 0.0}
+    assert metrics.bleu_multi([], []) == {"bleu_13a": 0.0, "bleu_intl": 0.0, "bleu_char": 0.0}
+    assert metrics.accuracy([], [])["accuracy"] == 0.0 and metrics.squad([], []) == {"em": 0.0, "f1": 0.0}
+    assert set(metrics.rouge([], []).values()) == {0.0}
+
+
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         metrics.accuracy([1, 2], [1])

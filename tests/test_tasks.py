@@ -93,6 +93,25 @@ def test_bad_sessions_are_skipped_and_logged(tmp_path, caplog):
     assert f"{path}:5: skipped whitespace-only line" in caplog.text
 
 
+def test_bad_downstream_rows_are_skipped_and_summarised(tmp_path, monkeypatch, caplog):
+    """Rows the TSV reader skips and rows its task rejects both count, and the file gets its summary line."""
+    from t5k_tasks import downstream
+
+    (tmp_path / "nsmc").mkdir()
+    path = tmp_path / "nsmc" / "ratings_train.txt.gz"
+    path.write_bytes(gzip.compress("id\tdocument\tlabel\n1\t좋아요\t1\n2\t\t0\n".encode()
+                                   + b"3\t\xff\xfe\t1\n" + "4\t별로\t2\n5\t두 칸\n6\t최고\t1\n".encode()))
+    monkeypatch.setenv("T5K_DATA_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="t5k_tasks"):
+        records = downstream.nsmc_records("train")
+    assert [r["inputs"] for r in records] == ["nsmc 문장: 좋아요", "nsmc 문장: 최고"]
+    assert f"{path}:3: skipped row (empty_document)" in caplog.text
+    assert f"{path}:4: skipped row (non_utf8" in caplog.text
+    assert f"{path}:5: skipped row (bad_record" in caplog.text
+    assert (f"{path}: kept 2 rows, skipped 4 (bad_record: expected id, document, label 0/1: 2, empty_document: 1, "
+            f"non_utf8: invalid UTF-8 byte 0xff at byte 2: 1)") in caplog.text
+
+
 def test_local_corpus_selected_by_env(tmp_path, monkeypatch):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"text": "하나"}\n{"text": "둘"}\n', encoding="utf-8")
@@ -473,4 +492,46 @@ def test_cli_show_prints_the_train_subset_stream(capsys):
     assert len(shown) == 6
     assert set(shown) == {records[i]["targets"] for i in corpora.subset_indices(len(records), 2, 5)}
     assert cli.main(["tasks", "show", "wikinews_title", "--train_examples", "0"]) == 2
-    assert "train_examples: expected a positive number" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "t5k tasks: train_examples: expected a positive number of examples (or None for all), got 0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-n", "-1"], "argument -n: expected an integer >= 1, got -1"),  # take(-1) would print the endless stream
+    (["--step", "-1"], "argument --step: expected an integer >= 0, got -1"),
+    (["--batch_size", "0", "--step", "3"], "argument --batch_size: expected an integer >= 1, got 0"),
+    (["--inputs", "0"], "argument --inputs: expected an integer >= 1, got 0"),
+])
+def test_cli_show_rejects_bad_counts(capsys, argv, message):
+    from t5k import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tasks", "show", "ko_span_corruption"] + argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_show_errors_are_one_line(capsys, monkeypatch, tmp_path):
+    from t5k import cli
+
+    assert cli.main(["tasks", "show", "nsmc", "--split", "test"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["t5k tasks: split 'test' not in ('train', 'validation')"]
+    monkeypatch.setenv("T5K_DATA_DIR", str(tmp_path))  # a machine without the downstream data sets
+    assert cli.main(["tasks", "show", "korquad", "-n", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"t5k tasks: {tmp_path}/korquad_v1/") and "not found" in err[0]
+
+
+def test_mixture_starts_at_the_mixed_stream_index():
+    """start_index of a mixture skips examples of the mixed stream (not of every task before mixing)."""
+    def inputs(start, n):
+        ds = t5k_tasks.get_dataset("ko_pretrain", SMALL, seed=2, start_index=start, examples_per_step=4)
+        return [ex["inputs"].tolist() for ex in ds.take(n).as_numpy_iterator()]
+
+    assert inputs(8, 4) == inputs(0, 12)[8:]
+
+
+@pytest.mark.parametrize("shard_index, num_shards", [(-1, 2), (3, 3), (0, 0)])
+def test_shard_outside_the_shard_count_is_an_error(shard_index, num_shards):
+    with pytest.raises(ValueError, match=f"shard_index {shard_index} is not in \\[0, num_shards = {num_shards}\\)"):
+        t5k_tasks.get_batches("nsmc" if SHARED.exists() else "wikinews_title", SMALL, batch_size=4, pack=False,
+                              shard_index=shard_index, num_shards=num_shards)

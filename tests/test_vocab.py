@@ -229,7 +229,37 @@ def test_training_refuses_too_small_corpus_and_foreign_dirs(tmp_path):
     (tmp_path / "foreign" / "keep.txt").write_text("x")
     with pytest.raises(vocab.VocabularyError, match="refusing to overwrite"):
         vocab.train([small], 400, "bbpe", tmp_path / "foreign", min_frequency=1)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(vocab.VocabularyError, match="a_file exists and is not a directory"):
+        vocab.train([small], 400, "bbpe", tmp_path / "a_file", min_frequency=1)
+    with pytest.raises(vocab.VocabularyError, match="extra_ids must be 0 or more, got -5"):
+        vocab.train([small], 400, "bbpe", tmp_path / "out", extra_ids=-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_char_bpe_alphabet_larger_than_the_size_asks_for_a_larger_size(tmp_path):
+    """char_bpe keeps every character as a base piece, so too small a size means *more* ids are needed."""
+    text = tmp_path / "chars.txt"
+    text.write_text("".join(chr(0xAC00 + i) for i in range(500)) + "\n", encoding="utf-8")
+    with pytest.raises(vocab.VocabularyError, match="500 distinct characters and the 3 specials need 503 base "
+                                                     "pieces, more than 300: use a --vocab_size of at least 603"):
+        vocab.train([text], 400, "char_bpe", tmp_path / "out", min_frequency=1)
+
+
+def test_published_directory_is_readable_like_any_new_directory(tmp_path, lines):
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = vocab.train([text], 400, "bbpe", tmp_path / "v", min_frequency=1)
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_directory_without_its_model_file_is_a_named_error(tmp_path):
+    for variant, model_file in (("bbpe", "tokenizer.json"), ("sentencepiece", "spm.model")):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "meta.json").write_text(json.dumps({"format": vocab.FORMAT, "variant": variant}))
+        with pytest.raises(vocab.VocabularyError, match=f"{variant}/{model_file}: missing"):
+            vocab.get_vocabulary(variant, str(tmp_path / variant), None)
 
 
 def test_sentencepiece_sampling_options(tmp_path, lines, capsys):
