@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5k import beam_search, logits_processing, stop_strings
+from t5k import beam_search, gin_utils, logits_processing, stop_strings
 from t5k.decode_model import Stepper, make_stepper, take_rows
 from t5k.models import DecoderOnly, EncoderDecoder
 
@@ -89,6 +89,7 @@ class DecodeConfig:
             if not ok:
                 raise ValueError(f"DecodeConfig.{field} = {getattr(self, field)!r}; expected {expected}")
 
+        gin_utils.check_field_types(self)  # e.g. top_k = 1.5
         check(self.method in METHODS, "method", f"one of {METHODS}")
         check(self.max_new_tokens >= 1, "max_new_tokens", "at least 1")
         check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "in [0, max_new_tokens]")

@@ -142,12 +142,20 @@ def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: O
 
     task = seqio.get_mixture_or_task(task_name)
     template = fewshot.template_for(task_name)
-    examples = fewshot.fewshot_examples(task_name, k, seed, split=split, max_examples=max_examples)
+    ranked_choices = bool(template.choices and rank_classification)
+    fits, limit = _fewshot_fit(loaded, config, ranked_choices)
+    examples = fewshot.fewshot_examples(task_name, k, seed, split=split, max_examples=max_examples, fits=fits)
     if not examples:
         raise ValueError(f"task {task_name!r} has no {split!r} records for few-shot evaluation")
+    too_long = [i for i, e in enumerate(examples) if fits and not fits(e)]
+    if too_long:
+        raise ValueError(f"{task_name} {split} examples {too_long[:10]}: even without shots, the prompt does not fit "
+                         f"{limit}")
+    fewer = sum(len(e.shots) < k for e in examples)
+    cut_note = f" ({fewer} of {len(examples)} with fewer shots to fit {limit})" if fewer else ""
     prompts = [e.prompt for e in examples]
     with partitioning.activate(loaded.mesh, loaded.rules):
-        if template.choices and rank_classification:
+        if ranked_choices:
             method = f"{k}-shot rank_classification"
             ranked = scoring.rank_classify(loaded.model, loaded.params, loaded.vocabulary, prompts,
                                            [e.candidates for e in examples], batch_size, continuation_eos=False)
@@ -166,8 +174,24 @@ def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: O
         normalized = [_postprocess(task, text, e.record, False) for text, e in zip(by_mean, examples)]
         metrics.update({f"{name}_length_normalized": value
                         for name, value in _metrics(task, targets, normalized, None).items()})
-    rows = [{"input": e.prompt, "target": e.target, "prediction": p} for e, p in zip(examples, by_sum)]
-    return TaskResult(task_name, method, len(examples), metrics, rows)
+    rows = [{"input": e.prompt, "target": e.target, "prediction": p, "shots": len(e.shots)}
+            for e, p in zip(examples, by_sum)]
+    return TaskResult(task_name, method + cut_note, len(examples), metrics, rows)
+
+
+def _fewshot_fit(loaded, config, ranked_choices: bool):
+    """(fits(example) -> bool, what it checks) for a decoder-only model with a position table (None otherwise):
+    generation needs `[0] + prompt` and max_new_tokens inside max_length (`decoding.encode_prompts`), rank
+    classification the prompt and its longest candidate (`scoring.score`)."""
+    model_config = loaded.model.config
+    if loaded.is_encoder_decoder or model_config.position_embedding != "absolute":
+        return None, None
+    max_length, encode = model_config.max_length, loaded.vocabulary.encode
+    if ranked_choices:
+        return (lambda e: len(encode(e.prompt)) + max(len(encode(c)) for c in e.candidates) <= max_length,
+                f"max_length {max_length} with the longest candidate")
+    return (lambda e: len(encode(e.prompt)) + config.max_new_tokens <= max_length,
+            f"max_length {max_length} minus max_new_tokens {config.max_new_tokens}")
 
 
 def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int], batch_size: int) -> List[List[str]]:
@@ -264,6 +288,7 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k eval: no --checkpoint: RANDOMLY INITIALISED parameters (results labelled random-init)",
               file=sys.stderr)
+    gin_utils.check_positive_int("evaluate.batch_size", batch_size)
     if batch_size % loaded.mesh.shape["data"]:
         raise ValueError(f"evaluate.batch_size={batch_size} is not divisible by the mesh's data axis "
                          f"({loaded.mesh.shape['data']})")
@@ -278,7 +303,7 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
         print(f"t5k eval: {name} ({result.method}, {result.examples} examples): "
               + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())), flush=True)
         results.append(result)
-    write_reports(output_dir, results, loaded.source, split, config)
+        write_reports(output_dir, results, loaded.source, split, config)  # a later task's failure keeps these
     return results
 
 

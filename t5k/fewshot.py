@@ -141,9 +141,15 @@ class ShotSampler:
         drawn = rng.choice(len(self.pool), size=min(len(self.pool), self.k + len(excluded)), replace=False)
         return tuple(int(i) for i in drawn if int(i) not in excluded)[: self.k]
 
-    def example(self, query: Record) -> FewShotExample:
+    def example(self, query: Record, fits: Optional[Callable[[FewShotExample], bool]] = None) -> FewShotExample:
+        """The query's k-shot prompt; with `fits`, the shots farthest from the query are dropped one by one
+        until `fits(example)` (e.g. prompt and answer inside the model's context) or no shot is left."""
         indices = self.shot_indices(query)
-        return build_prompt(self.template, query, [self.pool[i] for i in indices], indices)
+        while True:
+            example = build_prompt(self.template, query, [self.pool[i] for i in indices], indices)
+            if fits is None or not indices or fits(example):
+                return example
+            indices = indices[1:]
 
 
 def _records_fn(task_name: str) -> Callable[[str], List[dict]]:
@@ -156,10 +162,12 @@ def _records_fn(task_name: str) -> Callable[[str], List[dict]]:
 
 
 def fewshot_examples(task_name: str, k: int, seed: int = 0, split: str = "validation", pool_split: str = "train",
-                     max_examples: Optional[int] = None) -> List[FewShotExample]:
-    """k-shot prompts for the first `max_examples` records of `split` of a seed task, shots from `pool_split`."""
+                     max_examples: Optional[int] = None,
+                     fits: Optional[Callable[[FewShotExample], bool]] = None) -> List[FewShotExample]:
+    """k-shot prompts for the first `max_examples` records of `split` of a seed task, shots from `pool_split`;
+    `fits` as in `ShotSampler.example` (a prompt that does not fit keeps fewer shots: see `example.shots`)."""
     template = template_for(task_name)
     records = _records_fn(task_name)
     queries = records(split)[:max_examples]
     sampler = ShotSampler(template, records(pool_split), k, seed)
-    return [sampler.example(q) for q in queries]
+    return [sampler.example(q, fits) for q in queries]

@@ -6,8 +6,11 @@ file resolves the same way.
 """
 
 import argparse
+import dataclasses
 import os
-from typing import List, Sequence, Tuple
+import tokenize
+import typing
+from typing import Any, List, Sequence, Tuple
 
 import gin
 
@@ -49,7 +52,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     resolved = [_resolve(f, search_paths) for f in gin_files]
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, ImportError, TypeError) as e:
+    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, tokenize.TokenError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GinConfigError(f"gin configuration error: {first_line}") from e
 
@@ -60,3 +63,52 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
         if os.path.exists(candidate):
             return candidate
     raise GinConfigError(f"gin file not found: {path} (looked in the current directory and {PROJECT_ROOT})")
+
+
+def check_field_types(config) -> None:
+    """Raises ValueError naming `Class.field` when a dataclass field does not hold its annotated type.
+
+    Gin binds whatever a file or flag says (`d_model = 64.5`, `mlp_activations = 'gelu'`, `top_k = 1.5`), and
+    the mistake would otherwise surface as a shape error deep inside jax, or not at all. An `int` field takes
+    ints (not bools), `float` ints or floats, `bool` bools, `str` strs, `Tuple[X, ...]` a tuple or list of X,
+    `Union[...]` any of its members; other annotations are not checked.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        if not _has_type(value, hint):
+            raise ValueError(f"{type(config).__name__}.{field.name} = {value!r}; expected {_describe(hint)}")
+
+
+def _has_type(value: Any, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+    if origin is typing.Union:
+        return any(_has_type(value, member) for member in args)
+    if hint is type(None):
+        return value is None
+    return True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        plurals = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a tuple of {plurals.get(args[0], _describe(args[0]))}"
+    if origin is typing.Union:
+        return " or ".join(_describe(member) for member in args)
+    names = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
+    return names.get(hint, str(hint))
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """`name = value` must be an integer >= 1 (a batch size, a step count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} = {value!r}; expected a positive integer")

@@ -295,6 +295,7 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     loaded = model_loading.load_model(checkpoint, step, num_devices)
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k infer: no --checkpoint: RANDOMLY INITIALISED parameters, outputs are noise", file=sys.stderr)
+    gin_utils.check_positive_int("infer.batch_size", batch_size)
     data_axis = loaded.mesh.shape["data"]
     if batch_size % data_axis:
         raise ValueError(f"infer.batch_size={batch_size} is not divisible by the mesh's data axis ({data_axis})")

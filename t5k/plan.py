@@ -30,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
-from t5k import gin_utils
+from t5k import cli, gin_utils
 
 _FORCE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 # The executable is never run, so XLA:CPU may skip LLVM's optimisations and use the classic fusion emitters:
@@ -77,6 +77,11 @@ def batch_shapes(model_type: str, task_feature_lengths: Mapping[str, int], batch
     inputs + targets, with `decoder_causal_attention`. Packing adds the segment ids and positions.
     """
     lengths = dict(task_feature_lengths)
+    needed = ("targets",) if model_type == "decoder" else ("inputs", "targets")
+    missing = [k for k in needed if k not in lengths]
+    if missing:
+        raise ValueError(f"task_feature_lengths {lengths} lack {', '.join(missing)}: model_type "
+                         f"{model_type!r} needs {' and '.join(needed)}")
     if model_type == "encoder_decoder":
         enc, dec = int(lengths["inputs"]), int(lengths["targets"])
         shapes = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec,
@@ -152,11 +157,12 @@ def plan(model, optimizer, mesh, rules, task_feature_lengths: Mapping[str, int],
     import jax.numpy as jnp
 
     from t5k import partitioning, trainer
-    from t5k.models import EncoderDecoder
+    from t5k.train import check_model_type, default_model_type
 
     loss_config = loss_config or trainer.LossConfig()
     trainer.check_batch_divisible(batch_size, mesh, num_microbatches)
-    model_type = model_type or ("encoder_decoder" if isinstance(model, EncoderDecoder) else "decoder")
+    model_type = model_type or default_model_type(model)  # the converter `t5k train` would use
+    check_model_type(model, model_type)
     cfg = model.config
     start = time.perf_counter()
     with partitioning.activate(mesh, rules):
@@ -349,7 +355,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         result = plan_from_gin(devices=jax.devices()[: args.devices], scan=args.scan, batch_size=args.batch_size,
                                task_feature_lengths=_parse_lengths(args.task_feature_lengths), compile=not args.no_compile)
     except (gin_utils.GinConfigError, ValueError) as e:
-        print(f"t5k plan: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(cli.error_line("plan", e), file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else format_plan(result))
     return 0

@@ -159,23 +159,26 @@ def score(model, params, contexts: Sequence[TokenIds], continuations: Sequence[T
     return Scores(log_likelihood, num_tokens)
 
 
-def encode_pairs(vocabulary, contexts: Sequence[str], continuations: Sequence[str],
-                 continuation_eos: bool) -> Tuple[List[List[int]], List[List[int]]]:
+def encode_pairs(vocabulary, contexts: Sequence[str], continuations: Sequence[str], continuation_eos: bool,
+                 context_eos: bool = False) -> Tuple[List[List[int]], List[List[int]]]:
     """Text pairs -> token-id pairs. Context and continuation are encoded separately (so the scored tokens are
     exactly the continuation's own encoding); `continuation_eos` appends EOS to the continuation, as seqio's
-    `add_eos` targets of an encoder-decoder task have it."""
-    eos = [vocabulary.eos_id] if continuation_eos else []
-    encoded_contexts = [list(vocabulary.encode(c)) if c else [] for c in contexts]
-    encoded_continuations = [list(vocabulary.encode(t)) + eos for t in continuations]
+    `add_eos` targets of an encoder-decoder task have it, and `context_eos` to the context, as its inputs have it."""
+    eos = [vocabulary.eos_id]
+    encoded_contexts = [list(vocabulary.encode(c)) + eos * context_eos if c else [] for c in contexts]
+    encoded_continuations = [list(vocabulary.encode(t)) + eos * continuation_eos for t in continuations]
     return encoded_contexts, encoded_continuations
 
 
 def score_texts(model, params, vocabulary, contexts: Sequence[str], continuations: Sequence[str],
                 batch_size: int = 8, continuation_eos: Optional[bool] = None) -> Scores:
     """`score` on text. `continuation_eos` defaults to True for encoder-decoders (their targets end with EOS)
-    and False for decoder-only models (a continuation inside running text)."""
-    eos = _is_encoder_decoder(model) if continuation_eos is None else continuation_eos
-    return score(model, params, *encode_pairs(vocabulary, contexts, continuations, eos), batch_size=batch_size)
+    and False for decoder-only models (a continuation inside running text). An encoder-decoder's context is
+    its encoder input and ends with EOS, as in its tasks and in `decoding.generate_text`."""
+    encoder_decoder = _is_encoder_decoder(model)
+    eos = encoder_decoder if continuation_eos is None else continuation_eos
+    pairs = encode_pairs(vocabulary, contexts, continuations, eos, context_eos=encoder_decoder)
+    return score(model, params, *pairs, batch_size=batch_size)
 
 
 def rank_classify(model, params, vocabulary, prompts: Sequence[str], candidates: Sequence[Sequence[str]],

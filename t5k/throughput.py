@@ -41,12 +41,15 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5, d
     device = device or jax.devices()[0]
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype), device)
     matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))  # as t5k's kernels run
-    matmul(x).block_until_ready()  # compile
-    best = float("inf")
-    for _ in range(repeats):
-        start = clock()
-        matmul(x).block_until_ready()
-        best = min(best, clock() - start)
+    # A mesh of its own: under a caller's multi-device mesh (`partitioning.activate`), jit would refuse an
+    # argument that lives on one of its devices only.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("probe",))):
+        matmul(x).block_until_ready()  # compile
+        best = float("inf")
+        for _ in range(repeats):
+            start = clock()
+            matmul(x).block_until_ready()
+            best = min(best, clock() - start)
     return 2.0 * size**3 / best
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5k import feature_converters, losses, partitioning
+from t5k import feature_converters, gin_utils, losses, partitioning
 from t5k.models import EncoderDecoder, dummy_inputs
 from t5k.models import abstract_params as abstract_boxed_params
 
@@ -270,6 +270,8 @@ def device_batch(batch: Batch, mesh, rules) -> Dict[str, jax.Array]:
 
 
 def check_batch_divisible(batch_size: int, mesh, num_microbatches: int = 1) -> None:
+    gin_utils.check_positive_int("batch_size", batch_size)
+    gin_utils.check_positive_int("num_microbatches", num_microbatches)
     data = mesh.shape["data"]
     if batch_size % (data * max(num_microbatches, 1)):
         raise ValueError(

@@ -317,6 +317,10 @@ def test_bad_inputs_raise_named_errors():
         decoding.generate(model, params, {"prompt_tokens": np.array([[3, 4], [0, 0]])}, decoding.DecodeConfig())
     with pytest.raises(ValueError, match="DecodeConfig.top_p"):
         decoding.DecodeConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="DecodeConfig.top_k = 1.5; expected an integer"):
+        decoding.DecodeConfig(top_k=1.5)
+    with pytest.raises(ValueError, match="DecodeConfig.max_new_tokens = 6.0; expected an integer"):
+        decoding.DecodeConfig(max_new_tokens=6.0)
     with pytest.raises(ValueError, match=r"stop_strings\[0\]"):
         decoding.DecodeConfig(stop_strings=("",))
     with pytest.raises(ValueError, match="exceeds the position table"):

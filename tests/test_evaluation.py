@@ -146,12 +146,14 @@ DECODER_GIN = model_gin("decoder_only", **DECODER)
 
 
 def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, monkeypatch):
-    """`evaluate.fewshot_k`: NSMC's template, shots from (here: in-memory) train records, rank classification."""
+    """`evaluate.fewshot_k`: NSMC's template, shots from (here: in-memory) train records, rank classification.
+    One train review is too long for max_length 256: a prompt that drew it keeps fewer shots (nearest kept)."""
     from t5k import fewshot
     from t5k.models import DecoderOnly
 
     records = {split: [{"inputs": f"nsmc 문장: {t} {split}", "targets": y} for t, y in REVIEWS]
                for split in ("train", "validation")}
+    records["train"][3]["inputs"] = "nsmc 문장: " + "정말 너무 긴 리뷰 " * 60
     monkeypatch.setattr(fewshot, "_records_fn", lambda name: records.__getitem__)
     (tmp_path / "decoder.gin").write_text(DECODER_GIN)
     gin.clear_config()
@@ -166,13 +168,22 @@ def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, mo
     assert cli.main(["eval", f"--gin_file={tmp_path / 'decoder.gin'}", f"--checkpoint={tmp_path / 'ckpt'}",
                      "--tasks=nsmc", f"--output_dir={out}", "--gin.evaluate.fewshot_k=2", "--num_devices=1"]) == 0
     result = json.loads((out / "results.json").read_text())["tasks"]["nsmc"]
-    assert result["method"] == "2-shot rank_classification" and result["examples"] == 5
+    vocab = default_vocabulary()
+    uncut = fewshot.fewshot_examples("nsmc", 2, seed=0)
+    cut = [3 in e.shots for e in uncut]
+    assert 0 < sum(cut) < 5  # the seed draws the long review for some queries, not all
+    assert result["method"] == f"2-shot rank_classification ({sum(cut)} of 5 with fewer shots to fit max_length 256 " \
+                               "with the longest candidate)" and result["examples"] == 5
     assert set(result["metrics"]) == {"accuracy", "macro_f1", "accuracy_length_normalized",
                                       "macro_f1_length_normalized"}
     rows = [json.loads(line) for line in (out / "predictions" / "nsmc.jsonl").read_text().splitlines()]
-    examples = fewshot.fewshot_examples("nsmc", 2, seed=0)
+    examples = fewshot.fewshot_examples(
+        "nsmc", 2, seed=0, fits=lambda e: len(vocab.encode(e.prompt)) + max(len(vocab.encode(c)) for c in e.candidates) <= 256)
     assert [r["input"] for r in rows] == [e.prompt for e in examples]
-    assert all(r["input"].count("\n감정: ") == 2 and r["input"].endswith("validation\n감정:") for r in rows)
+    for row, example, whole, was_cut in zip(rows, examples, uncut, cut):
+        assert row["shots"] == len(example.shots) and row["input"].count("\n감정: ") == row["shots"]
+        assert example.shots == (whole.shots[whole.shots.index(3) + 1:] if was_cut else whole.shots)
+        assert row["input"].endswith("validation\n감정:")
     ranked = scoring.rank_classify(model, params, default_vocabulary(), [e.prompt for e in examples],
                                    [e.candidates for e in examples])
     assert [r["prediction"] for r in rows] == [fewshot.TEMPLATES["nsmc"].choices[r.best_by_sum] for r in ranked]

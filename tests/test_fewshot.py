@@ -64,6 +64,18 @@ def test_shots_are_deterministic_by_seed_and_differ_across_seeds():
     assert sampler.shot_indices(query) == first.shots
 
 
+def test_a_prompt_that_does_not_fit_drops_its_farthest_shots_first():
+    template = fewshot.template_for("nsmc")
+    query = _nsmc("질문 리뷰", "부정")
+    whole = fewshot.ShotSampler(template, POOL, k=4, seed=0).example(query)
+    two_shots = fewshot.build_prompt(template, query, [POOL[i] for i in whole.shots[2:]])
+    fitted = fewshot.ShotSampler(template, POOL, k=4, seed=0).example(
+        query, fits=lambda e: len(e.prompt) <= len(two_shots.prompt))
+    assert fitted.shots == whole.shots[2:] and fitted.prompt == two_shots.prompt
+    nothing_fits = fewshot.ShotSampler(template, POOL, k=4, seed=0).example(query, fits=lambda e: False)
+    assert nothing_fits.shots == () and nothing_fits.prompt == "리뷰: 질문 리뷰\n감정:"  # zero-shot: the caller decides
+
+
 def test_the_query_is_never_its_own_shot():
     template = fewshot.template_for("nsmc")
     pool = POOL[:6] + [POOL[2], POOL[2]]  # three copies of record 2

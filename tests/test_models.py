@@ -102,6 +102,14 @@ def test_params_cli_prints_counts_and_rejects_unknown_binding(capsys):
     assert cli.main(["params", "--gin_file=gin/models/ct5_small.gin", "--gin.TransformerConfig.d_modle=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "d_modle" in err[0]
+    for binding, message in (("TransformerConfig.d_model=64.5", "TransformerConfig.d_model = 64.5; expected an integer"),
+                             ("TransformerConfig.mlp_activations='gelu'",
+                              "TransformerConfig.mlp_activations = 'gelu'; expected a tuple of strings"),
+                             ("TransformerConfig.d_model=[1", "gin configuration error: ")):
+        gin.clear_config()
+        assert cli.main(["params", "--gin_file=gin/models/ct5_small.gin", f"--gin.{binding}"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"t5k params: {message}"), (binding, err)
     gin.clear_config()
 
 
@@ -330,6 +338,15 @@ def test_bad_config_and_inputs_raise_named_errors():
         TransformerConfig(norm="batch")
     with pytest.raises(ValueError, match="mlp_activations"):
         TransformerConfig(mlp_activations=("tanh",))
+    for field, value, expected in (("d_model", 64.5, "an integer"), ("num_heads", True, "an integer"),
+                                   ("dropout_rate", "0.1", "a number"), ("dtype", 32, "a string"),
+                                   ("mlp_activations", "gelu", "a tuple of strings"),
+                                   ("scan_layers", 1, "True or False")):
+        with pytest.raises(ValueError, match=re.escape(f"TransformerConfig.{field} = {value!r}; expected {expected}")):
+            TransformerConfig(**{field: value})
+    with pytest.raises(ValueError, match="num_decoder_layers = -1; expected >= 0 and >= 1"):
+        TransformerConfig(num_decoder_layers=-1)
+    assert TransformerConfig(dropout_rate=0, mlp_activations=["gelu", "linear"]).dropout_rate == 0  # int, list: fine
     model = DecoderOnly(TINY_GPT.replace(max_length=8))
     with pytest.raises(ValueError, match="max_length"):
         model.init(jax.random.PRNGKey(0), jnp.ones((1, 9), jnp.int32))

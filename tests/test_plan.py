@@ -109,6 +109,27 @@ def test_batch_shapes_are_the_feature_converter_keys():
     assert prefix["decoder_causal_attention"] == (4, 626) and prefix["decoder_positions"] == (4, 626)
 
 
+def test_decoder_only_plan_follows_the_prefix_lm_switch_like_train(gin_config):
+    """The planned batch is the one `t5k train` would feed: prefix LM when the config says so, and a
+    contradicting train.model_type is refused as train refuses it."""
+    tiny = ["TransformerConfig.num_decoder_layers = 1", "TransformerConfig.d_model = 64", "TransformerConfig.d_ff = 128",
+            "TransformerConfig.num_heads = 2", "TransformerConfig.head_dim = 32", "train.batch_size = 4",
+            "train.task_feature_lengths = {'inputs': 16, 'targets': 8}"]
+    gin_config(["gin/models/hyperclova_137m.gin", "gin/runs/pretrain.gin"],
+               tiny + ["TransformerConfig.prefix_lm = True"])
+    p = plan.plan_from_gin(devices=jax.devices()[:2], compile=False)
+    assert p["model_type"] == "prefix_lm" and p["batch_shapes"]["decoder_causal_attention"] == [4, 24]
+    gin.clear_config()
+    gin_config(["gin/models/hyperclova_137m.gin", "gin/runs/pretrain.gin"], tiny + ["train.model_type = 'prefix_lm'"])
+    with pytest.raises(ValueError, match="train.model_type = 'prefix_lm' but TransformerConfig.prefix_lm = False"):
+        plan.plan_from_gin(devices=jax.devices()[:2], compile=False)
+
+
+def test_lengths_missing_a_feature_are_a_clear_error():
+    with pytest.raises(ValueError, match="lack targets: model_type 'encoder_decoder' needs inputs and targets"):
+        plan.batch_shapes("encoder_decoder", {"inputs": 64}, 4)
+
+
 def test_too_many_devices_in_process_is_a_clear_error():
     with pytest.raises(ValueError, match="already initialised with 8 devices"):
         plan.simulate_devices(16)

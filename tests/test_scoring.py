@@ -170,3 +170,15 @@ def test_bad_pairs_are_named(unigram_model):
     with pytest.raises(ValueError, match=r"pair 0: context 30 \+ continuation 5 = 35 tokens exceed .*max_length=32"):
         scoring.score(model, params, [[2] * 30], [[3] * 5])
     assert [scoring.length_bucket(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 32]
+
+
+def test_encoder_decoder_text_scores_read_the_task_layout():
+    """On text, an encoder-decoder's context is its encoder input with EOS, as its tasks and generate_text
+    write it (and as `t5k eval` scores task ids), and its continuation ends with EOS like the task targets."""
+    model = EncoderDecoder(TransformerConfig(**TINY))
+    params = _init(model)
+    from_text = scoring.score_texts(model, params, CharVocab(), ["dcb", "a"], ["ab", "c"])
+    from_ids = scoring.score(model, params, [[5, 4, 3, 1], [2, 1]], [[2, 3, 1], [4, 1]])
+    np.testing.assert_allclose(from_text.log_likelihood, from_ids.log_likelihood, rtol=1e-6)
+    without_eos = scoring.score(model, params, [[5, 4, 3], [2]], [[2, 3, 1], [4, 1]])
+    assert not np.allclose(from_text.log_likelihood, without_eos.log_likelihood, rtol=1e-6)

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from t5k import throughput
+from t5k import partitioning, throughput
 from t5k.models import EncoderDecoder, TransformerConfig
 
 
@@ -37,6 +37,14 @@ def test_meter_reports_tokens_per_second_and_mfu_over_its_window():
 def test_matmul_peak_probe_is_a_plausible_rate():
     peak = throughput.measure_matmul_peak(size=256, dtype=jnp.float32, repeats=2)
     assert 1e7 < peak < 1e14  # a CPU core manages more than 10 MFLOP/s and no device 100 TFLOP/s in float32
+
+
+def test_matmul_peak_probe_runs_under_a_multi_device_mesh():
+    """`t5k train` without `peak_flops_per_s` probes inside its mesh context: the probe must not clash with it."""
+    mesh = partitioning.create_mesh(data=4, model=2)
+    assert mesh.devices.size == 8
+    with partitioning.activate(mesh, partitioning.logical_axis_rules()):
+        assert throughput.measure_matmul_peak(size=128, dtype=jnp.float32, repeats=1) > 1e7
 
 
 def test_non_positive_peak_is_a_clear_error():

@@ -20,6 +20,8 @@ from typing import Tuple
 import gin
 import jax.numpy as jnp
 
+from t5k import gin_utils
+
 NORMS = ("rms", "layer")
 POSITION_EMBEDDINGS = ("relative", "absolute", "rotary", "none")
 REMAT_POLICIES = ("none", "minimal", "full")
@@ -65,6 +67,7 @@ class TransformerConfig:
     fuse_projections: bool = True
 
     def __post_init__(self):
+        gin_utils.check_field_types(self)  # e.g. d_model = 64.5, or mlp_activations = 'gelu' (not a tuple)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
@@ -73,6 +76,11 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_encoder_layers < 0 or self.num_decoder_layers < 1:
+            raise ValueError(f"TransformerConfig: num_encoder_layers = {self.num_encoder_layers}, num_decoder_layers = "
+                             f"{self.num_decoder_layers}; expected >= 0 and >= 1")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"TransformerConfig.dropout_rate = {self.dropout_rate}; expected in [0, 1)")
         jnp.dtype(self.dtype)  # raises TypeError on an unknown dtype name
 
     @property

@@ -42,7 +42,9 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         model = build_model()
     except (gin_utils.GinConfigError, ValueError, TypeError) as e:
-        print(f"t5k params: {e}", file=sys.stderr)
+        from t5k.cli import error_line
+
+        print(error_line("params", e), file=sys.stderr)
         return 2
     counts = param_counts(model)
     if args.json:
