@@ -28,15 +28,17 @@ AUTOTUNE = tf.data.AUTOTUNE
 plain_graph = tf.autograph.experimental.do_not_convert
 FIXED_LENGTH_TASKS = set()  # names of tasks whose examples each fill exactly one (packed) row
 
-_INDEX_CONTEXT = {"start_index": 0, "examples_per_step": 1}
+_INDEX_CONTEXT = {"start_index": 0, "examples_per_step": 1, "shard_index": 0, "num_shards": 1}
 
 
 @contextlib.contextmanager
-def index_context(start_index: int = 0, examples_per_step: int = 1):
-    """Within it, `index_examples` starts the stream at `start_index` (skipping the examples before it) and derives
-    ``step = example_index // examples_per_step``. Read when the pipeline is built (`get_dataset`)."""
+def index_context(start_index: int = 0, examples_per_step: int = 1, shard_index: int = 0, num_shards: int = 1):
+    """Within it, `index_examples` starts this shard's stream at `start_index` (skipping the examples before it)
+    and numbers the examples globally across the `num_shards` hosts (`curriculum.add_example_index`), with
+    ``step = example_index // examples_per_step`` (the global batch). Read when the pipeline is built."""
     old = dict(_INDEX_CONTEXT)
-    _INDEX_CONTEXT.update(start_index=int(start_index), examples_per_step=int(examples_per_step))
+    _INDEX_CONTEXT.update(start_index=int(start_index), examples_per_step=int(examples_per_step),
+                          shard_index=int(shard_index), num_shards=int(num_shards))
     try:
         yield
     finally:
@@ -45,10 +47,11 @@ def index_context(start_index: int = 0, examples_per_step: int = 1):
 
 def index_examples(dataset, sequence_length=None, output_features=None):
     del sequence_length, output_features
-    start = _INDEX_CONTEXT["start_index"]
+    context = dict(_INDEX_CONTEXT)
+    start = context.pop("start_index")
     if start:
         dataset = dataset.skip(start)
-    return curriculum.add_example_index(dataset, _INDEX_CONTEXT["examples_per_step"], start_index=start)
+    return curriculum.add_example_index(dataset, start_index=start, **context)
 
 
 def map_seed() -> int:
@@ -151,7 +154,7 @@ def get_dataset(mixture_or_task_name: str, sequence_length: Mapping[str, int], s
                 seed: int = 0, shuffle: Optional[bool] = None, start_index: int = 0, examples_per_step: int = 1,
                 shard_index: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None,
                 train_examples: Optional[int] = None, subset_seed: int = 0) -> tf.data.Dataset:
-    """Task-level examples (before feature conversion), starting at `start_index` of the seeded stream.
+    """Task-level examples (before feature conversion), starting at `start_index` of this shard's seeded stream.
 
     shuffle=None: True for "train" (endless seeded epochs), False otherwise (one pass in file order).
     `train_examples` (low-data training; gin: ``t5k_tasks.get_dataset.train_examples = 1000``, which `get_batches`
@@ -172,8 +175,8 @@ def get_dataset(mixture_or_task_name: str, sequence_length: Mapping[str, int], s
         _check_subsettable(provider)
     # A task skips to start_index inside its own pipeline (index_examples); a mixture skips after sampling.
     skip_mixed = start_index if isinstance(provider, seqio.Mixture) else 0
-    with index_context(start_index - skip_mixed, examples_per_step), corpora.train_subset(train_examples,
-                                                                                           subset_seed):
+    with index_context(start_index - skip_mixed, examples_per_step, shard_index, num_shards), \
+            corpora.train_subset(train_examples, subset_seed):
         ds = provider.get_dataset(dict(sequence_length), split=split, shuffle=shuffle, seed=seed,
                                   shard_info=shard_info, num_epochs=num_epochs if shuffle else 1)
     return ds.skip(skip_mixed) if skip_mixed else ds
@@ -196,15 +199,16 @@ def get_batches(mixture_or_task_name: str, sequence_length: Mapping[str, int], b
 
     Same (name, lengths, batch_size, split, seed, model_type, pack) -> byte-identical batches in every run, and
     `start_step=s` yields exactly what a run from 0 yields from its s-th batch on. `batch_size` is this host's
-    batch (global batch / num_shards). `examples_per_step` (for step-dependent curricula; default batch_size)
-    defines ``step = example_index // examples_per_step``. The train split is endless; other splits are one pass
+    batch (global batch / num_shards). `examples_per_step` (for step-dependent curricula; default the global
+    batch, batch_size * num_shards) defines ``step = example_index // examples_per_step``; example indices are
+    global (`curriculum.add_example_index`), so hosts draw different corruptions. The train split is endless; other splits are one pass
     (last batch dropped if shorter). Returns a numpy iterator, or the tf.data.Dataset with as_numpy=False.
     """
     shuffle = split == "train" if shuffle is None else shuffle
     fast = mixture_or_task_name in FIXED_LENGTH_TASKS and shuffle
     ds = get_dataset(mixture_or_task_name, sequence_length, split, seed, shuffle,
                      start_index=start_step * batch_size if fast else 0,
-                     examples_per_step=examples_per_step or batch_size,
+                     examples_per_step=examples_per_step or batch_size * num_shards,
                      shard_index=shard_index, num_shards=num_shards)
     ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ("inputs", "targets")})
     converter = get_feature_converter(model_type, pack)

@@ -1,6 +1,7 @@
 """Denoising preprocessors: exact small cases, statistics over >= 10k sequences, reconstruction, determinism."""
 
 import numpy as np
+import pytest
 import seqio
 import tensorflow as tf
 from hypothesis import given, settings
@@ -103,6 +104,20 @@ def test_raw_length_helper_gives_568_for_512():
     assert dn.raw_length_for_inputs(512, 0.15, 3.0)[0] + 1 > 568  # 569 would not fit
     assert dn.span_counts(568, 0.15, 3.0) == (85, 28)
     assert [int(x) for x in dn.span_counts(569, 0.15, 3.0)] == [85, 28]  # 484 + 28 + 1 = 513 > 512
+
+
+@pytest.mark.parametrize("density, mean", [(0.15, 3.0), (0.5, 3.0), (0.15, 8.0), (0.5, 32.0)])
+def test_raw_length_helper_gives_exactly_the_masks_lengths(density, mean):
+    """For every inputs length, the helper's (raw, targets) are what the mask makes of `raw` tokens, and raw + 1
+    would overflow: its rounding is span_counts' float32 rounding (L = 190 at 0.15: 29 noise, not 28)."""
+    lengths = range(8, 1200, 7) if density == 0.15 and mean == 3.0 else range(16, 1200, 61)
+    for inputs_length in [172, 316, *lengths]:
+        raw, targets = dn.raw_length_for_inputs(inputs_length, density, mean)
+        for length, fits in ((raw, True), (raw + 1, False)):
+            noise, spans = (int(x) for x in dn.span_counts(length, density, mean))
+            assert (length - noise + spans + 1 <= inputs_length) == fits, (inputs_length, length)
+        noise, spans = (int(x) for x in dn.span_counts(raw, density, mean))
+        assert targets == noise + spans + 1, (inputs_length, raw)
 
 
 def test_seed_example_with_a_hand_mask():
@@ -371,3 +386,17 @@ def test_bad_input_is_filtered_with_a_count():
     short = collect(dn.span_corruption(ds, None, OUTPUT_FEATURES))[0]  # length 2: one kept, one noise token
     np.testing.assert_array_equal(short["inputs"], [42, V - 1])
     np.testing.assert_array_equal(short["targets"], [V - 1, 43])
+
+
+def test_more_spans_than_sentinels_is_an_error_not_ordinary_ids():
+    """Past the vocabulary's extra_ids, span k would be numbered with the ordinary token vocab_size - 1 - k."""
+    tokens = tf.range(10, 70, dtype=tf.int32)
+    seed = tf.constant([1, 2], tf.int32)
+    objective = dn.iid_replace_span_objective(100, noise_density=0.5, num_sentinels=100)
+    assert int(tf.reduce_min(objective(tokens, seed)["targets"])) >= 10  # enough sentinels: fine
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more sentinels than the vocabulary's 3 extra_ids"):
+        dn.iid_replace_span_objective(100, noise_density=0.5, num_sentinels=3)(tokens, seed)
+    mask = tf.constant([False, True, False, True, False])  # 2 spans + the final sentinel: 3 needed
+    dn.sentinel_pair(tf.range(5), mask, 100, num_sentinels=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="extra_ids"):
+        dn.sentinel_pair(tf.range(5), mask, 100, num_sentinels=2)

@@ -530,6 +530,25 @@ def test_mixture_starts_at_the_mixed_stream_index():
     assert inputs(8, 4) == inputs(0, 12)[8:]
 
 
+def test_shards_number_their_examples_globally_and_draw_their_own_masks():
+    """Host k of n gets example indices k, k + n, ...: no two hosts share a corruption seed, and with the global
+    batch as examples_per_step every host's j-th batch is step j (the curriculum's step)."""
+    def shard(index, start=0):
+        ds = t5k_tasks.get_dataset("ko_span_corruption", SMALL, seed=3, start_index=start, examples_per_step=8,
+                                   shard_index=index, num_shards=2)
+        return list(ds.take(6).as_numpy_iterator())
+
+    first, second = shard(0), shard(1)
+    assert [int(e["example_index"]) for e in first] == [0, 2, 4, 6, 8, 10]
+    assert [int(e["example_index"]) for e in second] == [1, 3, 5, 7, 9, 11]
+    assert [int(e["step"]) for e in first] == [0, 0, 0, 0, 1, 1] == [int(e["step"]) for e in second]
+    sentinel_positions = [[np.flatnonzero(e["inputs"] >= 51100).tolist() for e in run] for run in (first, second)]
+    assert all(a != b for a, b in zip(*sentinel_positions))  # each host its own masks
+    resumed = shard(1, start=4)  # this host's examples 4, 5, ...
+    assert [int(e["example_index"]) for e in resumed[:2]] == [9, 11]
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(resumed[:2], second[4:]))
+
+
 @pytest.mark.parametrize("shard_index, num_shards", [(-1, 2), (3, 3), (0, 0)])
 def test_shard_outside_the_shard_count_is_an_error(shard_index, num_shards):
     with pytest.raises(ValueError, match=f"shard_index {shard_index} is not in \\[0, num_shards = {num_shards}\\)"):

@@ -29,17 +29,24 @@ INDEX_KEY = "example_index"
 STEP_KEY = "step"
 
 
-def add_example_index(dataset: tf.data.Dataset, examples_per_step: int, start_index: int = 0) -> tf.data.Dataset:
-    """Adds `example_index` (position in the stream) and `step` (= index // examples_per_step) to each example.
+def add_example_index(dataset: tf.data.Dataset, examples_per_step: int, start_index: int = 0,
+                      shard_index: int = 0, num_shards: int = 1) -> tf.data.Dataset:
+    """Adds `example_index` (position in the global stream) and `step` (= index // examples_per_step).
 
     Apply it to the stream in its final training order (after any seeded shuffle), because `step` means
     "the global step whose batch contains this example". `examples_per_step` is the global batch size.
+    On one of `num_shards` hosts, `dataset` is this host's stream and `start_index` counts its examples; the
+    k-th of them gets the global index ``k * num_shards + shard_index``: hosts never share an index (so never
+    a corruption seed), and with `examples_per_step` rows per global batch each host's k-th batch is step k.
     """
     if examples_per_step < 1:
         raise ValueError(f"examples_per_step must be >= 1, got {examples_per_step}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is not in [0, num_shards = {num_shards})")
 
-    def attach(index, features):
+    def attach(position, features):
         features = dict(features)
+        index = position * num_shards + shard_index
         features[INDEX_KEY] = index
         features[STEP_KEY] = index // examples_per_step
         return features

@@ -22,6 +22,7 @@ sequences) and, for salient span masking, sequences without a salient token are 
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from t5k.preprocessors.curriculum import INDEX_KEY
@@ -121,6 +122,12 @@ def _vocab_size(output_features) -> int:
     return output_features["targets"].vocabulary.vocab_size
 
 
+def _num_sentinels(output_features) -> Optional[int]:
+    """The vocabulary's sentinel count (seqio's `extra_ids`), the most noise spans a sentinel objective may use;
+    None (not checked) for a vocabulary that declares none, e.g. a test's pass-through vocabulary."""
+    return getattr(output_features["targets"].vocabulary, "extra_ids", None) or None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Noise masks
 # ----------------------------------------------------------------------------------------------------------
@@ -191,8 +198,11 @@ def raw_length_for_inputs(inputs_length: int = 512, noise_density: float = 0.15,
     """
 
     def lengths(raw):
-        num_noise = min(max(int(round(raw * noise_density)), 1), raw - 1)
-        num_spans = max(1, int(round(num_noise / mean_noise_span_length)))
+        # `span_counts`'s arithmetic exactly: float32 products, round half to even (L * 0.15 in float32 is not
+        # L * 0.15 in float64: for L = 190 it rounds to 29, not 28).
+        num_noise = int(np.clip(np.round(np.float32(raw) * np.float32(noise_density)), 1, raw - 1))
+        num_spans = int(np.clip(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)), 1,
+                                raw - num_noise))
         return raw - num_noise + num_spans + 1, num_noise + num_spans + 1
 
     raw = MIN_LENGTH
@@ -244,8 +254,21 @@ def noise_spans_after_sentinels(tokens, noise_mask, vocab_size: int) -> tf.Tenso
     return tf.concat([tf.boolean_mask(pairs, keep), final], 0)
 
 
-def sentinel_pair(tokens, noise_mask, vocab_size):
-    """{"inputs", "targets"} of a sentinel-corrupting objective, given its noise mask."""
+def sentinel_pair(tokens, noise_mask, vocab_size, num_sentinels: Optional[int] = None):
+    """{"inputs", "targets"} of a sentinel-corrupting objective, given its noise mask.
+
+    With `num_sentinels` (the vocabulary's extra_ids), a mask needing more sentinels than that (one per noise
+    span, one more when the sequence ends with non-noise) fails the pipeline with an InvalidArgumentError
+    instead of numbering spans with ordinary token ids below the sentinel range.
+    """
+    if num_sentinels is not None:
+        first_noise = tf.logical_and(noise_mask, tf.logical_not(tf.pad(noise_mask[:-1], [[1, 0]])))
+        needed = tf.reduce_sum(tf.cast(first_noise, tf.int32)) + tf.cast(tf.logical_not(noise_mask[-1]), tf.int32)
+        check = tf.debugging.assert_less_equal(
+            needed, num_sentinels, message=f"a noise mask needs more sentinels than the vocabulary's {num_sentinels} "
+            "extra_ids: use shorter inputs, longer noise spans or a vocabulary with more extra_ids")
+        with tf.control_dependencies([check]):
+            tokens = tf.identity(tokens)
     return {
         "inputs": noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size),
         "targets": noise_spans_after_sentinels(tokens, noise_mask, vocab_size),
@@ -257,7 +280,8 @@ def sentinel_pair(tokens, noise_mask, vocab_size):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def span_corruption_objective(vocab_size: int, noise_density=0.15, mean_noise_span_length=3.0) -> TokenObjective:
+def span_corruption_objective(vocab_size: int, noise_density=0.15, mean_noise_span_length=3.0,
+                              num_sentinels: Optional[int] = None) -> TokenObjective:
     """T5 span corruption.
 
     tokens  지난 주 너의 파티에 초대해줘서 고마워     mask [0 0 1 0 1 0]
@@ -268,7 +292,7 @@ def span_corruption_objective(vocab_size: int, noise_density=0.15, mean_noise_sp
 
     def objective(tokens, seed):
         mask = random_spans_noise_mask(tf.size(tokens), noise_density, mean_noise_span_length, seed)
-        return sentinel_pair(tokens, mask, vocab_size)
+        return sentinel_pair(tokens, mask, vocab_size, num_sentinels)
 
     return objective
 
@@ -321,7 +345,8 @@ def deshuffle_objective(_vocab_size: int = 0) -> TokenObjective:
     return objective
 
 
-def iid_replace_span_objective(vocab_size: int, noise_density=0.15) -> TokenObjective:
+def iid_replace_span_objective(vocab_size: int, noise_density=0.15,
+                               num_sentinels: Optional[int] = None) -> TokenObjective:
     """i.i.d. noise, replace spans: like span corruption, but each token is noise independently, so runs of
     adjacent noise tokens (mean length 1 / (1 - density)) share a sentinel.
 
@@ -329,7 +354,7 @@ def iid_replace_span_objective(vocab_size: int, noise_density=0.15) -> TokenObje
     """
 
     def objective(tokens, seed):
-        return sentinel_pair(tokens, iid_noise_mask(tf.size(tokens), noise_density, seed), vocab_size)
+        return sentinel_pair(tokens, iid_noise_mask(tf.size(tokens), noise_density, seed), vocab_size, num_sentinels)
 
     return objective
 
@@ -371,7 +396,7 @@ UL2_DENOISERS = (
 
 
 def ul2_objective(vocab_size: int, mode_tokens: Mapping[str, Sequence[int]],
-                  denoisers: Sequence[Denoiser] = UL2_DENOISERS) -> TokenObjective:
+                  denoisers: Sequence[Denoiser] = UL2_DENOISERS, num_sentinels: Optional[int] = None) -> TokenObjective:
     """UL2: one denoiser drawn uniformly per example; its mode token ids are prepended to the inputs.
 
     `mode_tokens` maps each mode ("[NLU]", "[NLG]", "[S2S]") to its token ids in the real vocabulary.
@@ -383,7 +408,8 @@ def ul2_objective(vocab_size: int, mode_tokens: Mapping[str, Sequence[int]],
     if missing:
         raise ValueError(f"mode_tokens lacks {sorted(missing)}")
     branches = [
-        prefix_lm_objective() if d.mean_span is None else span_corruption_objective(vocab_size, d.rate, d.mean_span)
+        prefix_lm_objective() if d.mean_span is None
+        else span_corruption_objective(vocab_size, d.rate, d.mean_span, num_sentinels)
         for d in denoisers
     ]
     modes = [tf.constant(list(mode_tokens[d.mode]), tf.int32) for d in denoisers]
@@ -406,7 +432,8 @@ def ul2_objective(vocab_size: int, mode_tokens: Mapping[str, Sequence[int]],
 # ----------------------------------------------------------------------------------------------------------
 
 
-def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None, max_target_tokens: Optional[int] = None):
+def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None, max_target_tokens: Optional[int] = None,
+                           num_sentinels: Optional[int] = None):
     """Masks salient spans (runs of `salient_mask` tokens) with sentinels; `max_spans` picks that many at random
     (REALM masks one), None masks all. `max_target_tokens` then keeps only spans whose targets fit: the spans are
     visited in a random order and kept while the targets (each span + its sentinel, + the final sentinel) fit.
@@ -422,7 +449,7 @@ def salient_span_objective(vocab_size: int, max_spans: Optional[int] = None, max
             salient = _keep_random_spans(salient, max_spans, seed)
         if max_target_tokens is not None:
             salient = _keep_spans_that_fit(salient, max_target_tokens, subseed(seed, 1))
-        return sentinel_pair(tokens, salient, vocab_size)
+        return sentinel_pair(tokens, salient, vocab_size, num_sentinels)
 
     return objective
 
@@ -481,7 +508,8 @@ def span_corruption(dataset, sequence_length, output_features, seed: int = 0, no
                     mean_noise_span_length=3.0, counter: Optional[DropCounter] = None):
     """T5 span corruption (see `span_corruption_objective`); chunk first with `split_to_raw_length`."""
     del sequence_length
-    objective = span_corruption_objective(_vocab_size(output_features), noise_density, mean_noise_span_length)
+    objective = span_corruption_objective(_vocab_size(output_features), noise_density, mean_noise_span_length,
+                                          _num_sentinels(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -504,7 +532,7 @@ def deshuffle(dataset, sequence_length, output_features, seed: int = 0, counter:
 def iid_replace_span(dataset, sequence_length, output_features, seed: int = 0, noise_density=0.15,
                      counter: Optional[DropCounter] = None):
     del sequence_length
-    objective = iid_replace_span_objective(_vocab_size(output_features), noise_density)
+    objective = iid_replace_span_objective(_vocab_size(output_features), noise_density, _num_sentinels(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -517,7 +545,7 @@ def iid_drop_tokens(dataset, sequence_length, output_features, seed: int = 0, no
 def ul2(dataset, sequence_length, output_features, mode_tokens: Mapping[str, Sequence[int]], seed: int = 0,
         denoisers: Sequence[Denoiser] = UL2_DENOISERS, counter: Optional[DropCounter] = None):
     del sequence_length
-    objective = ul2_objective(_vocab_size(output_features), mode_tokens, denoisers)
+    objective = ul2_objective(_vocab_size(output_features), mode_tokens, denoisers, _num_sentinels(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -527,7 +555,7 @@ def salient_span_masking(dataset, sequence_length, output_features, seed: int = 
     dropped, counted as "no_salient_span". With `sequence_length`, spans are kept only while the targets fit
     ``sequence_length["targets"]`` with EOS (see `salient_span_objective`), so no target is ever trimmed."""
     budget = sequence_length["targets"] - 1 if sequence_length else None
-    objective = salient_span_objective(_vocab_size(output_features), max_spans, budget)
+    objective = salient_span_objective(_vocab_size(output_features), max_spans, budget, _num_sentinels(output_features))
     dataset = filter_with_count(
         dataset, lambda ex: tf.reduce_any(tf.cast(ex["salient_mask"], tf.bool)), "no_salient_span", counter)
     return apply_objective(dataset, objective, seed, counter, extra_keys=("salient_mask",))
