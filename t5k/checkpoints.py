@@ -274,8 +274,9 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
 def _restore_planned(item_dir: str, prefix: Tuple[str, ...], stored, plan: Dict[str, Optional["_Recipe"]],
                      targets: Dict[str, Any], fallbacks: Dict[str, Any], tree: Any = None) -> List[Any]:
     """The leaves of `targets` (in order) built by their recipes from the arrays under `prefix` in `item_dir`
-    (None: the fallback value), each on its target's sharding. Without a prefix, the plan reads every stored
-    array and `tree` is the stored metadata tree (its structure is what Orbax restores)."""
+    (None: the fallback value), each on its target's sharding. With `tree` (the stored metadata tree, whose
+    structure Orbax then restores: it may hold lists), the plan reads every stored array; without it, only the
+    arrays the plan needs are read, from the dicts under `prefix` (empty for a parameters-only checkpoint)."""
     # Read every needed source once, onto the sharding of the first target that uses it (with the layer axis
     # replicated when the source and the target stack their layers differently).
     read: Dict[str, Any] = {}
@@ -287,7 +288,7 @@ def _restore_planned(item_dir: str, prefix: Tuple[str, ...], stored, plan: Dict[
                                                     sharding=_source_sharding(targets[path], len(shape)))
     values: Dict[str, Any] = {}
     if read:
-        if prefix:  # a subtree of dicts: restore just the leaves read
+        if tree is None:  # a tree of dicts: restore just the leaves read
             item, partial = _nest({"/".join(prefix + (k,)): v for k, v in read.items()}), True
         else:  # the whole stored tree, its sequences kept as stored
             item = jax.tree_util.tree_map_with_path(lambda key_path, _: read[_path_str(key_path)], tree,

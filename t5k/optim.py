@@ -22,6 +22,9 @@ Schedule = Callable[[Any], Any]
 @gin.configurable
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
     """T5: `base / sqrt(max(step, warmup))` — constant `base/sqrt(warmup)` during warm-up, then decaying."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"rsqrt_schedule.warmup_steps = {warmup_steps!r}; expected an integer >= 1 (step 0 would "
+                         "get an infinite learning rate)")
     return lambda step: base_learning_rate * jax.lax.rsqrt(jnp.maximum(step, warmup_steps).astype(jnp.float32))
 
 

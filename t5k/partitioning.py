@@ -58,11 +58,11 @@ def logical_axis_rules(fsdp: bool = False, additional_rules: Sequence[Tuple[str,
       weight before use. Activations keep `embed` replicated (see the module docstring).
     additional_rules: prepended, so they take precedence (e.g. `(('length', 'model'),)` for sequence sharding).
     """
-    rules = list(additional_rules) + _standard_rules()
+    standard = _standard_rules()
     if fsdp:
-        embed_at = rules.index(("embed", None))
-        rules.insert(embed_at, ("embed", "data"))
-    return rules
+        embed_at = standard.index(("embed", None))
+        standard.insert(embed_at, ("embed", "data"))
+    return list(additional_rules) + standard
 
 
 @gin.configurable

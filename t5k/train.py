@@ -128,7 +128,8 @@ def train(
             if done == 1 or done % log_every == 0 or done == train_steps:  # step 1: the starting loss
                 scalars = trainer.to_host(metrics)  # waits for the step: the window's time is complete
                 scalars.update(meter.read())
-                scalars["learning_rate"] = optim.learning_rate_at(schedule, step)
+                # The optimizer counts applied updates only: a skipped step does not advance its schedule.
+                scalars["learning_rate"] = optim.learning_rate_at(schedule, step - int(scalars["skipped_steps"]))
                 writer.write(done, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
                                      mfu=f"{scalars['mfu']:.1%}")

@@ -173,12 +173,14 @@ def state_shardings(model: nn.Module, optimizer, mesh, rules):
     param_shardings = partitioning.param_shardings(abstract_boxed_params(model), mesh, rules)
     params = abstract_params(model, param_shardings)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (a frozen parameter's empty state)
     opt_shardings = optax.tree_map_params(
         optimizer,
-        lambda leaf, param: _derived_sharding(leaf, param, replicated),
+        lambda leaf, param: leaf if masked(leaf) else _derived_sharding(leaf, param, replicated),
         jax.eval_shape(optimizer.init, params),
         params,
         transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, skipped=replicated)
 

@@ -5,6 +5,7 @@ layer layouts (scanned <-> unrolled); restore errors that name the leaves; the f
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -262,6 +263,27 @@ def test_restore_params_without_map_equals_full_restore_on_a_mesh(trained_on_4x2
     assert not kernel.sharding.is_fully_replicated
     shapes = checkpoints.checkpoint_param_shapes(directory)
     assert shapes["encoder/layers_0/mlp/wi_0/kernel"][0] == (32, 48)
+
+
+def test_parameters_only_checkpoint_restores_into_the_targets_dtypes_and_shardings(trained_on_4x2, tmp_path):
+    """A checkpoint of bare parameters (no TrainState) is read like a TrainState's params: onto the target's
+    shardings and dtypes, only the arrays the target needs (here a shallower decoder)."""
+    _, saved, _ = trained_on_4x2
+    directory = str(tmp_path / "params_only")
+    manager = checkpoints.checkpoint_manager(directory, save_interval_steps=1, async_save=False)
+    checkpoints.save(manager, 1, saved.params, force=True)
+    manager.wait_until_finished()
+    mesh, rules = _mesh(2, 4), partitioning.logical_axis_rules(fsdp=True)
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding),
+                                    _abstract_params(CONFIG.replace(num_decoder_layers=1), mesh, rules))
+    params = checkpoints.restore_params(directory, target)
+    kernel = params["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16
+    assert kernel.sharding == target["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"].sharding
+    assert not kernel.sharding.is_fully_replicated
+    expected = saved.params["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(expected, jnp.bfloat16).astype(np.float32))
+    assert "layers_1" not in params["decoder"]
 
 
 def test_extra_layer_kept_fresh_or_copied_by_regex(trained_on_4x2):

@@ -198,6 +198,12 @@ def test_warmup_schedule_shapes():
     np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
+def test_rsqrt_schedule_needs_a_warmup_of_at_least_one_step():
+    with pytest.raises(ValueError, match="rsqrt_schedule.warmup_steps = 0; expected an integer >= 1"):
+        optim.rsqrt_schedule(1.0, warmup_steps=0)
+    assert float(optim.rsqrt_schedule(1.0, warmup_steps=1)(jnp.asarray(0))) == 1.0
+
+
 def test_trainable_mask_freezes_parameters():
     tx = optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(0.1),
                               trainable=lambda path: path.startswith("lora"))
@@ -205,6 +211,35 @@ def test_trainable_mask_freezes_parameters():
     state = tx.init(params)
     updates, _ = tx.update({"lora": jnp.ones(3), "base": jnp.ones(3)}, state, params)
     assert np.all(np.asarray(updates["base"]) == 0) and np.all(np.asarray(updates["lora"]) != 0)
+
+
+def test_trainable_subset_trains_sharded_with_the_rest_frozen():
+    """A frozen parameter's optimizer state is optax's empty MaskedNode: state_shardings must keep it, and the
+    sharded step must leave the frozen parameters bit-identical while the trainable ones move."""
+    from t5k import partitioning
+
+    config = TransformerConfig(vocab_size=64, d_model=16, num_heads=4, head_dim=4, d_ff=32, num_encoder_layers=1,
+                               num_decoder_layers=1, relative_attention_num_buckets=8,
+                               relative_attention_max_distance=16, dtype="float32")
+    model = EncoderDecoder(config)
+    tx = optim.make_optimizer(schedule=optim.constant_schedule(1e-2), param_axes=trainer.param_axes(model),
+                              trainable=lambda path: path.startswith("decoder/"))
+    mesh, rules = partitioning.create_mesh(data=2, model=4), partitioning.logical_axis_rules(fsdp=True)
+    with partitioning.activate(mesh, rules):
+        shardings = trainer.state_shardings(model, tx, mesh, rules)
+        state = trainer.init_state(model, tx, shardings, seed=0)
+        rng = np.random.default_rng(0)
+        batch = {"encoder_input_tokens": rng.integers(2, 64, (4, 8)), "decoder_input_tokens": rng.integers(2, 64, (4, 6)),
+                 "decoder_target_tokens": rng.integers(2, 64, (4, 6)), "decoder_loss_weights": np.ones((4, 6))}
+        batch = {k: np.asarray(v, np.float32 if k == "decoder_loss_weights" else np.int32) for k, v in batch.items()}
+        batch_shardings = {k: partitioning.batch_sharding(mesh, rules, 2) for k in batch}
+        step = trainer.compile_train_step(model, tx, trainer.LossConfig(), shardings, batch_shardings)
+        before = jax.device_get(state.params)  # the step donates the state
+        new, _ = step(state, trainer.device_batch(batch, mesh, rules), jax.random.PRNGKey(0))
+    after = jax.device_get(new.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before["encoder"]),
+                                                    jax.tree_util.tree_leaves(after["encoder"])))
+    assert not np.array_equal(before["decoder"]["final_norm"]["scale"], after["decoder"]["final_norm"]["scale"])
 
 
 def test_eager_init_state_can_be_donated():

@@ -92,6 +92,11 @@ def test_rules_follow_t5x_conventions():
     mesh = partitioning.create_mesh(data=8, model=1)
     sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("batch", "length", "embed"), mesh, fsdp)
     assert sharding.spec == jax.sharding.PartitionSpec("data", None, None)
+    # Additional rules take precedence, FSDP's included: ("embed", None) keeps a parameter's embed replicated.
+    mine = partitioning.logical_axis_rules(fsdp=True, additional_rules=[("embed", None)])
+    assert mine[0] == ("embed", None)
+    spec = nn.logical_to_mesh_axes(jax.sharding.PartitionSpec("embed", "mlp"), mine)
+    assert spec == jax.sharding.PartitionSpec(None, "model")
 
 
 def test_mesh_errors_are_clear():
