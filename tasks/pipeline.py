@@ -95,15 +95,16 @@ def tokenize_batched(dataset, output_features, keys=("inputs", "targets"), text_
 
 def concat_and_split(dataset, sequence_length, output_features=None, length_key: Optional[str] = None,
                      noise_density: float = 0.15, mean_noise_span_length: float = 3.0, docs_per_block: int = 32,
-                     keys: Sequence[str] = ("targets",)):
+                     keys: Sequence[str] = ("targets",), reserve: int = 0):
     """Concatenates the documents' `targets` in stream order and cuts the result into chunks (T5's reduce_concat
     + split): of the raw length that span corruption turns into exactly ``sequence_length["inputs"]`` (568 for
-    512), or of ``sequence_length[length_key] - 1`` (room for EOS) when `length_key` is given. An endless stream
-    gives only full chunks; a finite one ends with the remainder (never dropped). Further `keys` aligned with
-    `targets` (e.g. "salient_mask": one int per token) are concatenated and cut the same way."""
+    512), or of ``sequence_length[length_key] - 1 - reserve`` (room for EOS, and for `reserve` ids the objective
+    adds, e.g. UL2's mode tokens) when `length_key` is given. An endless stream gives only full chunks; a finite
+    one ends with the remainder (never dropped). Further `keys` aligned with `targets` (e.g. "salient_mask": one
+    int per token) are concatenated and cut the same way."""
     del output_features
     if length_key:
-        raw = sequence_length[length_key] - 1
+        raw = sequence_length[length_key] - 1 - reserve
     else:
         raw, _ = denoise.raw_length_for_inputs(sequence_length["inputs"], noise_density, mean_noise_span_length)
     width = len(keys)

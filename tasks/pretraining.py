@@ -43,19 +43,21 @@ CORPUS_SOURCES = {
 SALIENT_PROSE = corpora.SalientDocumentSource(corpora.pretraining_files, VOCAB, name="prose")
 
 
-def _chunks(mode: str, keys: Sequence[str]):
+def _chunks(mode: str, keys: Sequence[str], reserve: int):
     if mode == "span_corruption":
         return functools.partial(concat_and_split, keys=keys)
-    return functools.partial(concat_and_split, length_key=mode, keys=keys)
+    return functools.partial(concat_and_split, length_key=mode, keys=keys, reserve=reserve)
 
 
 def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
-             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), **kwargs) -> seqio.Task:
-    """Registers `name`: source -> [tokenize] -> chunks of `keys` -> index -> `preprocessor` -> EOS."""
+             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), reserve: int = 0,
+             **kwargs) -> seqio.Task:
+    """Registers `name`: source -> [tokenize] -> chunks of `keys` (`reserve` ids shorter) -> index ->
+    `preprocessor` -> EOS."""
     steps = []
     if source is PROSE_TEXT:
         steps.append(functools.partial(tokenize_batched, text_key="text"))
-    steps += [_chunks(chunk, keys), index_examples, seeded(preprocessor, salt=salt or name, **kwargs),
+    steps += [_chunks(chunk, keys, reserve), index_examples, seeded(preprocessor, salt=salt or name, **kwargs),
               seqio.preprocessors.append_eos_after_trim]
     task = seqio.TaskRegistry.add(name, source=source, preprocessors=steps, output_features=features,
                                   shuffle_buffer_size=None, metric_fns=[], task_cls=T5kTask)
@@ -80,7 +82,8 @@ register("ko_bert_mlm", denoise.bert_mlm)
 register("ko_deshuffle", denoise.deshuffle)
 register("ko_iid_replace_span", denoise.iid_replace_span)
 register("ko_iid_drop_tokens", denoise.iid_drop_tokens)
-register("ko_ul2", denoise.ul2, mode_tokens=UL2_MODE_TOKENS)
+# Chunks leave room for the longest mode token (plain text: 4-5 ids), so an S (prefix LM) example is never trimmed.
+register("ko_ul2", denoise.ul2, mode_tokens=UL2_MODE_TOKENS, reserve=max(map(len, UL2_MODE_TOKENS.values())))
 register("ko_lm", _lm, chunk="targets", features=LM_FEATURES)
 # Every salient span whose targets fit the targets length (random spans first), one chunk of inputs - 1 tokens each.
 register("ko_salient_span", denoise.salient_span_masking, source=SALIENT_PROSE, keys=("targets", "salient_mask"))

@@ -530,6 +530,20 @@ def test_mixture_starts_at_the_mixed_stream_index():
     assert inputs(8, 4) == inputs(0, 12)[8:]
 
 
+def test_ul2_chunks_leave_room_for_the_mode_token():
+    """S (prefix LM) examples carry a whole chunk: mode ids + prefix fit the inputs length, nothing trimmed."""
+    from t5k_tasks import pretraining
+
+    s2s = pretraining.UL2_MODE_TOKENS["[S2S]"]
+    lengths = {"inputs": 64, "targets": 64}
+    chunk = 64 - 1 - max(map(len, pretraining.UL2_MODE_TOKENS.values()))
+    examples = t5k_tasks.get_dataset("ko_ul2", lengths, seed=1).take(60).as_numpy_iterator()
+    s_examples = [e for e in examples if e["inputs"][:len(s2s)].tolist() == s2s]
+    assert len(s_examples) >= 3
+    for e in s_examples:  # inputs: mode + prefix + EOS; targets: the rest of the chunk + EOS
+        assert len(e["inputs"]) - len(s2s) - 1 + len(e["targets"]) - 1 == chunk
+
+
 def test_shards_number_their_examples_globally_and_draw_their_own_masks():
     """Host k of n gets example indices k, k + n, ...: no two hosts share a corruption seed, and with the global
     batch as examples_per_step every host's j-th batch is step j (the curriculum's step)."""

@@ -11,7 +11,7 @@ as one token sequence, every utterance preceded by its speaker's tag::
 
     A: 안녕 B: 응 안녕 A: 뭐해      (speaker_tags = [ids("A:"), ids("B:")], passed in as token-id sequences)
 
-The tags must be ids that never occur inside an utterance (reserved/special tokens of the real vocabulary),
+A tag's id sequence must never occur inside an utterance (reserved/special tokens are the safe choice),
 otherwise a rendered session cannot be parsed back. Masked spans become sentinels `<M0>`, `<M1>`, ... which are
 the vocabulary's `<extra_id_0>`, `<extra_id_1>`, ... (vocab_size - 1, vocab_size - 2, ...), as in T5.
 
