@@ -322,18 +322,20 @@ def encode_prompts(model, vocabulary, prompts: Sequence[str], config: DecodeConf
 
 
 def decode_outputs(vocabulary, tokens: np.ndarray, config: DecodeConfig) -> List[List[str]]:
-    """`[batch, num_samples, new]` ids -> texts, up to the stop id and cut before the first stop string."""
+    """`[batch, num_samples, new]` ids -> texts: the ids before the first stop id (its text is not part of the
+    answer, whether it is EOS or, say, a newline id), cut before the first stop string."""
     table = stop_strings.vocabulary_id_bytes(vocabulary) if config.stop_strings else None
     texts = []
     for row in np.asarray(tokens):
         out = []
         for seq in row:
-            if table is None:
-                out.append(vocabulary.decode(seq.tolist()))
-                continue
             ids = seq.tolist()
             stop_at = [ids.index(i) for i in config.stop_token_ids if i in ids]
-            data = b"".join(table[i] for i in ids[: min(stop_at, default=len(ids))])
+            ids = ids[: min(stop_at, default=len(ids))]
+            if table is None:
+                out.append(vocabulary.decode(ids))
+                continue
+            data = b"".join(table[i] for i in ids)
             out.append(stop_strings.cut_at_stop_string(data, config.stop_strings).decode("utf-8", "replace"))
         texts.append(out)
     return texts

@@ -13,9 +13,8 @@ from typing import Any, Optional
 import jax
 import seqio
 
-from t5k import checkpoints, partitioning, trainer
+from t5k import checkpoints, partitioning, trainer, vocab
 from t5k.models import EncoderDecoder, abstract_params, build_model
-from t5k.vocab import default_vocabulary
 
 RANDOM_INIT = "random-init"
 
@@ -62,6 +61,7 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
                seed: int = 0) -> LoadedModel:
     """Builds the gin model and mesh and restores `checkpoint` (a `t5k train` model_dir's `checkpoints`
     directory, a step directory, or a model_dir holding `checkpoints/`) onto it; None: random parameters."""
+    vocab.check_tasks_follow_gin()
     model = build_model()
     mesh = current_mesh(num_devices)
     rules = partitioning.logical_axis_rules()
@@ -74,5 +74,5 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
             directory = checkpoints.checkpoint_directory(checkpoint)
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
-    return LoadedModel(model, params, mesh, rules, default_vocabulary(), source)
+    return LoadedModel(model, params, mesh, rules, vocab.default_vocabulary(), source)
 

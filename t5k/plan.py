@@ -62,10 +62,14 @@ def simulate_devices(count: int) -> None:
 
 
 def _query(name: str, default: Any = None) -> Any:
+    """The value gin would pass for `name`; a macro (`%TASK_FEATURE_LENGTHS`, as the objective files bind) or an
+    evaluated reference (`@f()`) is resolved as gin resolves it when calling the function."""
     try:
         value = gin.query_parameter(name)
     except ValueError:
         return default
+    if isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
+        value = value.scoped_configurable_fn()
     return default if value is gin.REQUIRED else value
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from t5k import checkpoints, cli, gin_utils, optim, partitioning, throughput, trainer
+from t5k import checkpoints, cli, gin_utils, optim, partitioning, throughput, trainer, vocab
 from t5k.models import EncoderDecoder, build_model
 
 
@@ -77,6 +77,8 @@ def train(
     model_type = model_type or default_model_type(model)
     check_model_type(model, model_type)
     from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
+
+    vocab.check_tasks_follow_gin()
 
     if mixture_or_task_name not in _registered_names():
         raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")

@@ -367,8 +367,20 @@ def get_vocabulary(variant: str = "morph_bbpe", path: Optional[str] = None,
 
 
 def default_vocabulary() -> seqio.Vocabulary:
-    """The shipped morph_bbpe vocabulary with 100 sentinels, as used everywhere unless gin says otherwise."""
+    """The shipped morph_bbpe vocabulary with 100 sentinels: what the registered t5k_tasks, `t5k eval` and
+    `t5k infer` tokenize with."""
     return get_vocabulary("morph_bbpe", None, DEFAULT_EXTRA_IDS)
+
+
+def check_tasks_follow_gin() -> None:
+    """Raises VocabularyError when gin binds `get_vocabulary` (gin/vocab/*.gin) to another vocabulary than the
+    shipped one. The registered tasks fix their vocabulary when t5k_tasks is imported, so `t5k train`, `eval` and
+    `infer` would otherwise ignore the binding silently; another variant needs tasks registered with it."""
+    chosen = get_vocabulary()
+    if chosen != default_vocabulary():
+        raise VocabularyError(f"gin selects {chosen}, but the registered t5k_tasks tokenize with the shipped "
+                              "morph_bbpe vocabulary: register tasks with get_vocabulary(...) to train on another "
+                              "variant (docs/vocab.md)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -309,6 +309,21 @@ def test_stop_string_ends_generation_exactly_there():
         assert texts[row] == [(row_text if cut < 0 else row_text[:cut]).decode()]
 
 
+def test_text_ends_before_the_first_stop_id_with_or_without_stop_strings():
+    """A non-EOS stop id (here the newline piece) ends the text the same way whether stop strings are set or not."""
+    from t5k.vocab import default_vocabulary
+
+    vocabulary = default_vocabulary()
+    ids = vocabulary.encode("안녕하세요.\n다음")
+    newline = vocabulary.encode("\n")
+    assert len(newline) == 1 and newline[0] in ids
+    tokens = np.zeros((1, 1, 12), np.int32)
+    tokens[0, 0, :len(ids)] = ids
+    config = decoding.DecodeConfig(stop_token_ids=(1, newline[0]))
+    assert decoding.decode_outputs(vocabulary, tokens, config) == [["안녕하세요."]]
+    assert decoding.decode_outputs(vocabulary, tokens, config.replace(stop_strings=("QQQ",))) == [["안녕하세요."]]
+
+
 def test_bad_inputs_raise_named_errors():
     model = DecoderOnly(TransformerConfig(**GPT))  # absolute positions, a table of 32
     shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]))

@@ -125,6 +125,15 @@ def test_decoder_only_plan_follows_the_prefix_lm_switch_like_train(gin_config):
         plan.plan_from_gin(devices=jax.devices()[:2], compile=False)
 
 
+def test_objective_files_bind_the_lengths_by_macro(gin_config):
+    """gin/objectives/*.gin bind `train.task_feature_lengths = %TASK_FEATURE_LENGTHS`: plan resolves the macro."""
+    gin_config(["gin/models/ct5_tiny.gin", "gin/runs/pretrain.gin", "gin/objectives/ul2.gin"],
+               ["train.batch_size = 8"])
+    p = plan.plan_from_gin(devices=jax.devices()[:1], compile=False)
+    assert p["task_feature_lengths"] == {"inputs": 512, "targets": 512}
+    assert p["batch_shapes"]["encoder_input_tokens"] == [8, 512]
+
+
 def test_lengths_missing_a_feature_are_a_clear_error():
     with pytest.raises(ValueError, match="lack targets: model_type 'encoder_decoder' needs inputs and targets"):
         plan.batch_shapes("encoder_decoder", {"inputs": 64}, 4)

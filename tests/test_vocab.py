@@ -290,9 +290,13 @@ def test_gin_selects_variant(trained):
         gin.parse_config_files_and_bindings(
             [str(REPO / "gin/vocab/bbpe.gin")], [f"VOCAB_DIR = '{trained['bbpe'].path}'"])
         assert vocab.get_vocabulary() == trained["bbpe"]
+        # The registered tasks keep the shipped vocabulary: train/eval/infer refuse the binding, never ignore it.
+        with pytest.raises(vocab.VocabularyError, match="registered t5k_tasks tokenize with the shipped morph_bbpe"):
+            vocab.check_tasks_follow_gin()
         gin.clear_config()
         gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/morph_bbpe.gin")], [])
         assert vocab.get_vocabulary() is vocab.default_vocabulary()
+        vocab.check_tasks_follow_gin()
         gin.clear_config()
         gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/char_bpe.gin")], [])
         with pytest.raises(vocab.VocabularyError, match="no shipped char_bpe vocabulary"):
