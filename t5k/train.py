@@ -76,12 +76,14 @@ def train(
     # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
     model_type = model_type or default_model_type(model)
     check_model_type(model, model_type)
-    from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
+    import seqio
 
-    vocab.check_tasks_follow_gin()
+    from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
 
     if mixture_or_task_name not in _registered_names():
         raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")
+    task_features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
+    vocab.check_tasks_follow_gin(task_features["targets"].vocabulary, f"task {mixture_or_task_name!r}")
 
     with partitioning.activate(mesh, rules):
         shardings = trainer.state_shardings(model, optimizer, mesh, rules)

@@ -372,15 +372,16 @@ def default_vocabulary() -> seqio.Vocabulary:
     return get_vocabulary("morph_bbpe", None, DEFAULT_EXTRA_IDS)
 
 
-def check_tasks_follow_gin() -> None:
-    """Raises VocabularyError when gin binds `get_vocabulary` (gin/vocab/*.gin) to another vocabulary than the
-    shipped one. The registered tasks fix their vocabulary when t5k_tasks is imported, so `t5k train`, `eval` and
-    `infer` would otherwise ignore the binding silently; another variant needs tasks registered with it."""
+def check_tasks_follow_gin(task_vocabulary: Optional[seqio.Vocabulary] = None, task: str = "") -> None:
+    """Raises VocabularyError when gin binds `get_vocabulary` (gin/vocab/*.gin) to another vocabulary than the one
+    `task` tokenizes with (default: the shipped one, which the registered t5k_tasks, `t5k eval` and `t5k infer`
+    use). Tasks fix their vocabulary when registered, so the binding would otherwise be ignored silently."""
     chosen = get_vocabulary()
-    if chosen != default_vocabulary():
-        raise VocabularyError(f"gin selects {chosen}, but the registered t5k_tasks tokenize with the shipped "
-                              "morph_bbpe vocabulary: register tasks with get_vocabulary(...) to train on another "
-                              "variant (docs/vocab.md)")
+    used = task_vocabulary if task_vocabulary is not None else default_vocabulary()
+    if chosen != used:
+        raise VocabularyError(f"gin selects {chosen}, but {task or 'the registered t5k_tasks'} tokenize(s) with "
+                              f"{used}: register tasks with get_vocabulary(...) to train on another vocabulary "
+                              "(docs/vocab.md)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

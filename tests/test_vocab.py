@@ -291,8 +291,9 @@ def test_gin_selects_variant(trained):
             [str(REPO / "gin/vocab/bbpe.gin")], [f"VOCAB_DIR = '{trained['bbpe'].path}'"])
         assert vocab.get_vocabulary() == trained["bbpe"]
         # The registered tasks keep the shipped vocabulary: train/eval/infer refuse the binding, never ignore it.
-        with pytest.raises(vocab.VocabularyError, match="registered t5k_tasks tokenize with the shipped morph_bbpe"):
+        with pytest.raises(vocab.VocabularyError, match="but the registered t5k_tasks tokenize"):
             vocab.check_tasks_follow_gin()
+        vocab.check_tasks_follow_gin(trained["bbpe"], "a task of one's own")  # registered with that vocabulary
         gin.clear_config()
         gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/morph_bbpe.gin")], [])
         assert vocab.get_vocabulary() is vocab.default_vocabulary()
