@@ -147,7 +147,8 @@ def evaluate_fewshot(loaded, task_name: str, k: int, split: str, max_examples: O
     examples = fewshot.fewshot_examples(task_name, k, seed, split=split, max_examples=max_examples, fits=fits)
     if not examples:
         raise ValueError(f"task {task_name!r} has no {split!r} records for few-shot evaluation")
-    too_long = [i for i, e in enumerate(examples) if fits and not fits(e)]
+    # An example that kept a shot fits (shots are dropped until it does): only shotless ones need the check.
+    too_long = [i for i, e in enumerate(examples) if fits and not e.shots and not fits(e)]
     if too_long:
         raise ValueError(f"{task_name} {split} examples {too_long[:10]}: even without shots, the prompt does not fit "
                          f"{limit}")
@@ -284,11 +285,11 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
             raise ValueError(f"evaluate.fewshot_k={fewshot_k}: no few-shot template for {', '.join(untemplated)} "
                              f"(templates: {', '.join(sorted(fewshot.TEMPLATES))})")
     config = decoding.DecodeConfig()
+    gin_utils.check_positive_int("evaluate.batch_size", batch_size)
     loaded = model_loading.load_model(checkpoint, step, num_devices)
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k eval: no --checkpoint: RANDOMLY INITIALISED parameters (results labelled random-init)",
               file=sys.stderr)
-    gin_utils.check_positive_int("evaluate.batch_size", batch_size)
     if batch_size % loaded.mesh.shape["data"]:
         raise ValueError(f"evaluate.batch_size={batch_size} is not divisible by the mesh's data axis "
                          f"({loaded.mesh.shape['data']})")

@@ -76,11 +76,12 @@ def check_field_types(config) -> None:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value, hint = getattr(config, field.name), hints[field.name]
-        if not _has_type(value, hint):
-            raise ValueError(f"{type(config).__name__}.{field.name} = {value!r}; expected {_describe(hint)}")
+        if not has_type(value, hint):
+            raise ValueError(f"{type(config).__name__}.{field.name} = {value!r}; expected {describe_type(hint)}")
 
 
-def _has_type(value: Any, hint) -> bool:
+def has_type(value: Any, hint) -> bool:
+    """Whether `value` holds the annotated type `hint` (the rules of `check_field_types`)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -89,21 +90,22 @@ def _has_type(value: Any, hint) -> bool:
     if hint in (bool, str):
         return isinstance(value, hint)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+        return isinstance(value, (tuple, list)) and all(has_type(v, args[0]) for v in value)
     if origin is typing.Union:
-        return any(_has_type(value, member) for member in args)
+        return any(has_type(value, member) for member in args)
     if hint is type(None):
         return value is None
     return True
 
 
-def _describe(hint) -> str:
+def describe_type(hint) -> str:
+    """`hint` in words, for error messages: "an integer", "a number", "a tuple of strings", ..."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         plurals = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-        return f"a tuple of {plurals.get(args[0], _describe(args[0]))}"
+        return f"a tuple of {plurals.get(args[0], describe_type(args[0]))}"
     if origin is typing.Union:
-        return " or ".join(_describe(member) for member in args)
+        return " or ".join(describe_type(member) for member in args)
     names = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
     return names.get(hint, str(hint))
 

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import gin
@@ -41,10 +42,9 @@ Generator = Callable[[List[str], List[int], decoding.DecodeConfig], List[List[st
 PromptLimit = Callable[[decoding.DecodeConfig], int]  # most prompt tokens a line with these settings may have
 
 # Decoding settings a line may set for itself, over gin's `DecodeConfig` (HyperCLOVA Studio's per-request
-# controls). Each takes the JSON type of its `DecodeConfig` default.
+# controls). Each takes the type `DecodeConfig` annotates it with.
 LINE_SETTINGS = ("method", "max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "temperature",
                  "top_k", "top_p", "repetition_penalty", "num_samples")
-_ACCEPTED = {str: (str, "a string"), int: (int, "an integer"), float: ((int, float), "a number")}
 
 
 class InputError(ValueError):
@@ -75,15 +75,15 @@ def _encodable(vocabulary, text: str, where: str) -> List[int]:
 
 def _line_settings(value: Dict[str, Any], at: str) -> Dict[str, Any]:
     """The `LINE_SETTINGS` fields present in a line, type-checked (JSON booleans are not numbers)."""
+    hints = typing.get_type_hints(decoding.DecodeConfig)
     settings = {}
     for name in LINE_SETTINGS:
         if name not in value:
             continue
-        kind = type(getattr(decoding.DecodeConfig, name))
-        setting, (json_types, expected) = value[name], _ACCEPTED[kind]
-        if isinstance(setting, bool) or not isinstance(setting, json_types):
-            raise InputError(f"{at}: field \"{name}\": expected {expected}, got {setting!r}")
-        settings[name] = kind(setting)
+        setting, hint = value[name], hints[name]
+        if not gin_utils.has_type(setting, hint):
+            raise InputError(f"{at}: field \"{name}\": expected {gin_utils.describe_type(hint)}, got {setting!r}")
+        settings[name] = float(setting) if hint is float else setting  # 1 and 1.0: one group, one program
     return settings
 
 
@@ -292,10 +292,10 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input {input_path}: no such file")
     config = decoding.DecodeConfig()
+    gin_utils.check_positive_int("infer.batch_size", batch_size)
     loaded = model_loading.load_model(checkpoint, step, num_devices)
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k infer: no --checkpoint: RANDOMLY INITIALISED parameters, outputs are noise", file=sys.stderr)
-    gin_utils.check_positive_int("infer.batch_size", batch_size)
     data_axis = loaded.mesh.shape["data"]
     if batch_size % data_axis:
         raise ValueError(f"infer.batch_size={batch_size} is not divisible by the mesh's data axis ({data_axis})")

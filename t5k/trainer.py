@@ -275,7 +275,7 @@ def check_batch_divisible(batch_size: int, mesh, num_microbatches: int = 1) -> N
     gin_utils.check_positive_int("batch_size", batch_size)
     gin_utils.check_positive_int("num_microbatches", num_microbatches)
     data = mesh.shape["data"]
-    if batch_size % (data * max(num_microbatches, 1)):
+    if batch_size % (data * num_microbatches):
         raise ValueError(
             f"batch_size={batch_size} is not divisible by the data axis ({data})"
             + (f" × num_microbatches ({num_microbatches})" if num_microbatches > 1 else "")
