@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import gin
 import numpy as np
 
-from t5k import cli, decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring
+from t5k import cli, decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring, vocab
 
 DEFAULT_LENGTHS = {"inputs": 512, "targets": 128}
 
@@ -99,6 +99,10 @@ def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str
     if not isinstance(task, seqio.Task):
         raise ValueError(f"--tasks: {task_name!r} is a mixture; evaluate its tasks by name")
     vocabulary = loaded.vocabulary
+    if vocab.resolve(task.output_features["targets"].vocabulary) != vocab.resolve(vocabulary):
+        raise vocab.VocabularyError(f"task {task_name!r} tokenizes with "
+                                    f"{vocab.resolve(task.output_features['targets'].vocabulary)}, the model's "
+                                    f"vocabulary is {vocab.resolve(vocabulary)}: bind get_vocabulary to the task's")
     examples = _examples(task_name, lengths, split, max_examples)
     if "inputs" not in examples[0]:
         raise ValueError(f"task {task_name!r} has no 'inputs' feature: evaluate text-to-text tasks")

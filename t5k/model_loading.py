@@ -61,8 +61,9 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
                seed: int = 0) -> LoadedModel:
     """Builds the gin model and mesh and restores `checkpoint` (a `t5k train` model_dir's `checkpoints`
     directory, a step directory, or a model_dir holding `checkpoints/`) onto it; None: random parameters."""
-    vocab.check_tasks_follow_gin()
+    vocabulary = vocab.get_vocabulary()  # what gin selects (gin/vocab/*.gin), as the registered tasks do
     model = build_model()
+    vocab.check_fits_model(vocabulary, model.config.vocab_size)
     mesh = current_mesh(num_devices)
     rules = partitioning.logical_axis_rules()
     target = abstract_sharded_params(model, mesh, rules)
@@ -74,5 +75,5 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
             directory = checkpoints.checkpoint_directory(checkpoint)
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
-    return LoadedModel(model, params, mesh, rules, vocab.default_vocabulary(), source)
+    return LoadedModel(model, params, mesh, rules, vocabulary, source)
 

@@ -2,18 +2,21 @@
 
     t5k tasks list
     t5k tasks show NAME [--split S] [-n N] [--seed K] [--step S --batch_size B] [--inputs 512 --targets 114] [--json]
-                        [--train_examples K [--subset_seed J]]
+                        [--train_examples K [--subset_seed J]] [--gin_file F] [--gin.NAME=VALUE]
 
 `show` prints N task-level examples as text (sentinels visible as <extra_id_k>) exactly as `get_dataset` yields
 them under that seed; `--step S --batch_size B` starts at example S*B of the stream (the examples of step S when
 every example fills one batch row, e.g. ko_span_corruption). `--json` prints one JSON object per example with the
 token ids too. `--train_examples K` shows the train stream of a low-data run (`t5k_tasks.get_dataset.train_examples`:
-a fixed subset of K examples per task, drawn by `--subset_seed`).
+a fixed subset of K examples per task, drawn by `--subset_seed`). Gin files and bindings apply as in `t5k train`:
+`--gin_file=gin/vocab/bbpe.gin --gin.VOCAB_DIR="'DIR'"` shows the examples in that vocabulary.
 """
 
 import argparse
 import json
 import sys
+
+from t5k import gin_utils
 
 
 def _integer_at_least(minimum: int):
@@ -45,6 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--train_examples", type=int, default=None,
                       help="train on a fixed subset of this many examples per task (low-data runs)")
     show.add_argument("--subset_seed", type=int, default=0, help="which subset, for --train_examples")
+    gin_utils.add_gin_arguments(show)  # e.g. --gin_file=gin/vocab/bbpe.gin: the examples in another vocabulary
 
 
 def _list() -> int:
@@ -113,10 +117,9 @@ def _print_example(k: int, ex: dict, features: dict, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace, bindings=()) -> int:
-    if bindings:
-        from t5k.gin_utils import parse_gin
-
+    gin_files = getattr(args, "gin_file", [])
+    if bindings or gin_files:
         import t5k_tasks  # noqa: F401  (configurables)
 
-        parse_gin([], bindings)
+        gin_utils.parse_gin(gin_files, bindings, getattr(args, "gin_search_path", []))
     return _list() if args.action == "list" else _show(args)

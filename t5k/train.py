@@ -84,6 +84,7 @@ def train(
         raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")
     task_features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
     vocab.check_tasks_follow_gin(task_features["targets"].vocabulary, f"task {mixture_or_task_name!r}")
+    vocab.check_fits_model(task_features["targets"].vocabulary, model.config.vocab_size)
 
     with partitioning.activate(mesh, rules):
         shardings = trainer.state_shardings(model, optimizer, mesh, rules)

@@ -317,7 +317,9 @@ class BPEVocabulary(seqio.Vocabulary):
         return tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
 
     def __eq__(self, other):
-        return isinstance(other, BPEVocabulary) and self._key() == other._key()
+        if not isinstance(other, BPEVocabulary):
+            return NotImplemented  # lets a GinVocabulary on the right compare what it resolves to
+        return self._key() == other._key()
 
     def __hash__(self):
         return hash(self._key())
@@ -367,21 +369,103 @@ def get_vocabulary(variant: str = "morph_bbpe", path: Optional[str] = None,
 
 
 def default_vocabulary() -> seqio.Vocabulary:
-    """The shipped morph_bbpe vocabulary with 100 sentinels: what the registered t5k_tasks, `t5k eval` and
-    `t5k infer` tokenize with."""
+    """The shipped morph_bbpe vocabulary with 100 sentinels: what `get_vocabulary()`, and so the registered
+    t5k_tasks, `t5k eval` and `t5k infer`, use when gin selects no other."""
     return get_vocabulary("morph_bbpe", None, DEFAULT_EXTRA_IDS)
 
 
-def check_tasks_follow_gin(task_vocabulary: Optional[seqio.Vocabulary] = None, task: str = "") -> None:
+class GinVocabulary(seqio.Vocabulary):
+    """Whatever `get_vocabulary()` returns under the gin bindings in force *when it is used*.
+
+    seqio tasks hold a vocabulary in their output features from the moment they are registered, and `t5k_tasks`
+    registers its tasks when imported: before a command has parsed its gin files. A task holding a concrete
+    vocabulary would therefore ignore `gin/vocab/*.gin`. The registered tasks hold this proxy instead; every call
+    resolves `get_vocabulary()` (a cached load: a dict lookup after the first) and forwards to the result, so
+    `--gin_file=gin/vocab/bbpe.gin` switches every registered task, its token cache (keyed by the resolved
+    vocabulary's files) and `t5k eval`/`infer` to the bbpe artifact. Equality is the resolved vocabulary's.
+
+    Ids computed from the vocabulary at registration time would go stale in the same way, so the tasks derive
+    them (UL2 mode tokens, speaker tags) from their output features when the pipeline is built.
+    """
+
+    def __init__(self):
+        super().__init__(extra_ids=0)
+
+    @staticmethod
+    def resolve() -> seqio.Vocabulary:
+        return get_vocabulary()
+
+    # Everything seqio and t5k call on a vocabulary, forwarded.
+    extra_ids = property(lambda self: self.resolve().extra_ids)
+    vocab_size = property(lambda self: self.resolve().vocab_size)
+    _base_vocab_size = property(lambda self: self.resolve()._base_vocab_size)
+    bos_id = property(lambda self: self.resolve().bos_id)
+    pad_id = property(lambda self: self.resolve().pad_id)
+    eos_id = property(lambda self: self.resolve().eos_id)
+    unk_id = property(lambda self: self.resolve().unk_id)
+
+    def encode(self, s):
+        return self.resolve().encode(s)
+
+    def decode(self, ids):
+        return self.resolve().decode(ids)
+
+    def encode_tf(self, s):
+        return self.resolve().encode_tf(s)
+
+    def decode_tf(self, ids):
+        return self.resolve().decode_tf(ids)
+
+    def _encode(self, s):
+        return self.resolve()._encode(s)
+
+    def _decode(self, ids):
+        return self.resolve()._decode(ids)
+
+    def _encode_tf(self, s):
+        return self.resolve()._encode_tf(s)
+
+    def _decode_tf(self, ids):
+        return self.resolve()._decode_tf(ids)
+
+    def __getattr__(self, name):  # encode_batch, pieces, variant, path, id_bytes, sp_model, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+    def __eq__(self, other):
+        return resolve(self) == resolve(other)
+
+    def __hash__(self):
+        return hash(self.resolve())
+
+    def __str__(self):
+        return f"GinVocabulary({self.resolve()})"
+
+
+def resolve(vocabulary: seqio.Vocabulary) -> seqio.Vocabulary:
+    """The concrete vocabulary behind `vocabulary` (itself unless it is a GinVocabulary)."""
+    return vocabulary.resolve() if isinstance(vocabulary, GinVocabulary) else vocabulary
+
+
+def check_tasks_follow_gin(task_vocabulary: seqio.Vocabulary, task: str) -> None:
     """Raises VocabularyError when gin binds `get_vocabulary` (gin/vocab/*.gin) to another vocabulary than the one
-    `task` tokenizes with (default: the shipped one, which the registered t5k_tasks, `t5k eval` and `t5k infer`
-    use). Tasks fix their vocabulary when registered, so the binding would otherwise be ignored silently."""
+    `task` tokenizes with. The registered t5k_tasks follow gin (GinVocabulary); a task of one's own registered
+    with a concrete vocabulary does not, and the binding would otherwise be ignored silently."""
     chosen = get_vocabulary()
-    used = task_vocabulary if task_vocabulary is not None else default_vocabulary()
-    if chosen != used:
-        raise VocabularyError(f"gin selects {chosen}, but {task or 'the registered t5k_tasks'} tokenize(s) with "
-                              f"{used}: register tasks with get_vocabulary(...) to train on another vocabulary "
-                              "(docs/vocab.md)")
+    if chosen != resolve(task_vocabulary):
+        raise VocabularyError(f"gin selects {chosen}, but {task} tokenizes with {resolve(task_vocabulary)}: "
+                              "bind get_vocabulary to that vocabulary, or register the task with "
+                              "t5k.vocab.GinVocabulary() to follow gin (docs/vocab.md)")
+
+
+def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:
+    """Raises VocabularyError when `vocabulary` has ids the model's embedding has no row for (JAX would clamp
+    them to the last row silently). A smaller vocabulary is fine: the spare rows are never used."""
+    if vocabulary.vocab_size > model_vocab_size:
+        raise VocabularyError(f"{resolve(vocabulary)} has {vocabulary.vocab_size} ids, but the model's "
+                              f"TransformerConfig.vocab_size is {model_vocab_size}: set VOCAB_SIZE (gin) to at "
+                              f"least {vocabulary.vocab_size}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,12 +40,14 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from t5k import vocab
 
 log = logging.getLogger("t5k_tasks")
 
@@ -368,8 +370,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("T5K_CACHE_DIR", os.path.expanduser("~/.cache/t5k/tokens")))
 
 
-@functools.lru_cache(maxsize=None)
+# id(vocabulary) -> (vocabulary, fingerprint); holding the vocabulary keeps its id from being reused.
+_FINGERPRINTS: Dict[int, Tuple[seqio.Vocabulary, str]] = {}
+
+
 def vocab_fingerprint(vocabulary: seqio.Vocabulary) -> str:
+    """sha1 of the vocabulary's type, files and extra ids: the token caches' key. Computed once per vocabulary
+    object, by identity (seqio.SentencePieceVocabulary is unhashable)."""
+    vocabulary = vocab.resolve(vocabulary)
+    known = _FINGERPRINTS.get(id(vocabulary))
+    if known is None:
+        known = _FINGERPRINTS[id(vocabulary)] = (vocabulary, _fingerprint(vocabulary))
+    return known[1]
+
+
+def _fingerprint(vocabulary: seqio.Vocabulary) -> str:
     h = hashlib.sha1(type(vocabulary).__name__.encode())
     path = getattr(vocabulary, "path", None)
     if path and os.path.isdir(path):
@@ -397,6 +412,7 @@ def _cached_arrays(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary
                    definition: str = "") -> dict:
     """`build()` (a dict of numpy arrays), stored on disk and reused while the texts, the vocabulary files and
     `definition` (what `build` computes, when more than tokens) stay the same."""
+    vocabulary = vocab.resolve(vocabulary)  # a GinVocabulary's cache files are its resolved vocabulary's
     h = hashlib.sha1(definition.encode("utf-8"))
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
@@ -522,6 +538,7 @@ class IndexedSource(seqio.DataSource):
     def __init__(self, splits=SPLITS):
         super().__init__(splits=splits, num_input_examples=None, caching_permitted=False,
                          performs_internal_shuffling=True)
+        self._by_vocabulary = {}
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
@@ -539,6 +556,16 @@ class IndexedSource(seqio.DataSource):
     def _count(self, split: str) -> int:
         raise NotImplementedError
 
+    def _per_vocabulary(self, vocabulary: seqio.Vocabulary, compute: Callable[[str, seqio.Vocabulary], Any],
+                        split: str):
+        """`compute(split, v)` for the vocabulary `v` behind `vocabulary` now (a GinVocabulary follows gin), once
+        per split and vocabulary: a task's arrays always match the vocabulary its pipeline is built with."""
+        concrete = vocab.resolve(vocabulary)
+        key = (compute.__name__, split, vocab_fingerprint(concrete))
+        if key not in self._by_vocabulary:
+            self._by_vocabulary[key] = compute(split, concrete)
+        return self._by_vocabulary[key]
+
 
 class DocumentSource(IndexedSource):
     """Documents of prose files. `tokenized=True`: {"targets": int32 ids} from the token cache (tokenized once per
@@ -554,10 +581,12 @@ class DocumentSource(IndexedSource):
         docs = [d for f in self._files_fn() for d in read_documents(f)]
         return by_split(docs)
 
-    @functools.lru_cache(maxsize=None)
     def tokens(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
+        return self._per_vocabulary(self._vocabulary, self._tokenize, split)
+
+    def _tokenize(self, split: str, vocabulary: seqio.Vocabulary) -> Tuple[np.ndarray, np.ndarray]:
         texts = [d.text for d in self.documents()[split]]
-        return tokenize_to_cache(f"{self._name}-{split}", texts, self._vocabulary)
+        return tokenize_to_cache(f"{self._name}-{split}", texts, vocabulary)
 
     def _count(self, split):
         return len(self.documents()[split])
@@ -589,10 +618,12 @@ class SalientDocumentSource(DocumentSource):
     def __init__(self, files_fn: Callable[[], Sequence[Path]], vocabulary: seqio.Vocabulary, name: str = "prose"):
         super().__init__(files_fn, vocabulary, tokenized=True, name=f"{name}_salient")
 
-    @functools.lru_cache(maxsize=None)
     def salient(self, split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._per_vocabulary(self._vocabulary, self._find_salient, split)
+
+    def _find_salient(self, split: str, vocabulary: seqio.Vocabulary) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         texts = [d.text for d in self.documents()[split]]
-        return salient_to_cache(f"{self._name}-{split}", texts, self._vocabulary)
+        return salient_to_cache(f"{self._name}-{split}", texts, vocabulary)
 
     def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *, sequence_length=None,
                     use_cached=False, num_epochs=1):
@@ -621,11 +652,13 @@ class SessionSource(IndexedSource):
     def sessions(self) -> Dict[str, List[Session]]:
         return by_split([s for f in self._files_fn() for s in read_sessions(f)])
 
-    @functools.lru_cache(maxsize=None)
     def arrays(self, split: str):
+        return self._per_vocabulary(self._vocabulary, self._arrays, split)
+
+    def _arrays(self, split: str, vocabulary: seqio.Vocabulary):
         sessions = self.sessions()[split]
         texts = [t for s in sessions for _, t in s.turns]
-        tokens, utt_offsets = tokenize_to_cache(f"{self._name}-{split}", texts, self._vocabulary)
+        tokens, utt_offsets = tokenize_to_cache(f"{self._name}-{split}", texts, vocabulary)
         turn_offsets = np.zeros(len(sessions) + 1, np.int64)
         turn_offsets[1:] = np.cumsum([len(s.turns) for s in sessions])
         speakers = []

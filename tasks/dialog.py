@@ -36,7 +36,6 @@ from t5k_tasks.pipeline import T5kTask, index_examples, seeded
 from t5k_tasks.pretraining import OUTPUT_FEATURES, VOCAB
 
 TAG_TEXT = (" A: ", " B: ")
-SPEAKER_TAGS = [VOCAB.encode(t) for t in TAG_TEXT]
 SESSIONS = corpora.SessionSource(lambda: list(corpora.SESSION_FILES.values()), VOCAB, name="dialog")
 
 
@@ -45,11 +44,21 @@ def _prefixes(dataset, sequence_length=None, output_features=None):
     return dialog_objectives.session_prefixes(dataset)
 
 
+def speaker_tags(output_features) -> List[List[int]]:
+    """The speaker tags as ids of the task's vocabulary (asked when the pipeline is built: the vocabulary follows
+    gin)."""
+    return [output_features["targets"].vocabulary.encode(t) for t in TAG_TEXT]
+
+
+def _objective(dataset, sequence_length, output_features, seed: int = 0, **kwargs):
+    return dialog_objectives.dialog_objective(dataset, sequence_length, output_features, seed=seed,
+                                              speaker_tags=speaker_tags(output_features), **kwargs)
+
+
 def register_objective(name: str, objective, expand_prefixes: bool = False, rate_fn=None):
     steps = [_prefixes] if expand_prefixes else []
     steps += [index_examples,
-              seeded(dialog_objectives.dialog_objective, salt=name, objective=objective, speaker_tags=SPEAKER_TAGS,
-                     rate_fn=rate_fn),
+              seeded(_objective, salt=name, objective=objective, rate_fn=rate_fn),
               seqio.preprocessors.append_eos_after_trim]
     return seqio.TaskRegistry.add(name, source=SESSIONS, preprocessors=steps, output_features=OUTPUT_FEATURES,
                                   shuffle_buffer_size=None, metric_fns=[], task_cls=T5kTask)

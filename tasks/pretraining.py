@@ -15,22 +15,22 @@ otherwise), are tokenized once into the token cache, concatenated in the seeded 
 """
 
 import functools
-from typing import Sequence
+from typing import Callable, Dict, List, Sequence, Union
 
 import seqio
 
 from t5k.preprocessors import denoise
-from t5k.vocab import default_vocabulary
+from t5k.vocab import GinVocabulary
 from t5k_tasks import corpora
 from t5k_tasks.pipeline import T5kTask, FIXED_LENGTH_TASKS, concat_and_split, index_examples, seeded, tokenize_batched
 
-VOCAB = default_vocabulary()
+VOCAB = GinVocabulary()  # get_vocabulary() under the gin bindings in force when a pipeline is built
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(VOCAB, add_eos=True, required=False),
     "targets": seqio.Feature(VOCAB, add_eos=True),
 }
 LM_FEATURES = {"targets": seqio.Feature(VOCAB, add_eos=True)}
-UL2_MODE_TOKENS = {mode: VOCAB.encode(mode) for mode in ("[NLU]", "[NLG]", "[S2S]")}
+UL2_MODES = ("[NLU]", "[NLG]", "[S2S]")
 
 PROSE = corpora.DocumentSource(corpora.pretraining_files, VOCAB, tokenized=True, name="prose")
 PROSE_TEXT = corpora.DocumentSource(corpora.pretraining_files, VOCAB, tokenized=False, name="prose")
@@ -43,14 +43,34 @@ CORPUS_SOURCES = {
 SALIENT_PROSE = corpora.SalientDocumentSource(corpora.pretraining_files, VOCAB, name="prose")
 
 
-def _chunks(mode: str, keys: Sequence[str], reserve: int):
+def ul2_mode_tokens(output_features) -> Dict[str, List[int]]:
+    """UL2's mode tokens as plain text in the task's vocabulary ("[S2S]": 4-5 ids in the shipped one)."""
+    vocabulary = output_features["targets"].vocabulary
+    return {mode: vocabulary.encode(mode) for mode in UL2_MODES}
+
+
+def longest_mode_token(output_features) -> int:
+    return max(map(len, ul2_mode_tokens(output_features).values()))
+
+
+def _ul2(dataset, sequence_length, output_features, seed: int = 0):
+    return denoise.ul2(dataset, sequence_length, output_features, ul2_mode_tokens(output_features), seed=seed)
+
+
+def _chunks(mode: str, keys: Sequence[str], reserve: Union[int, Callable]):
+    """The chunking step; a callable `reserve` is asked with the output features when the pipeline is built."""
     if mode == "span_corruption":
         return functools.partial(concat_and_split, keys=keys)
-    return functools.partial(concat_and_split, length_key=mode, keys=keys, reserve=reserve)
+
+    def chunks(dataset, sequence_length, output_features):
+        room = reserve(output_features) if callable(reserve) else reserve
+        return concat_and_split(dataset, sequence_length, length_key=mode, keys=keys, reserve=room)
+
+    return chunks
 
 
 def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
-             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), reserve: int = 0,
+             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), reserve: Union[int, Callable] = 0,
              **kwargs) -> seqio.Task:
     """Registers `name`: source -> [tokenize] -> chunks of `keys` (`reserve` ids shorter) -> index ->
     `preprocessor` -> EOS."""
@@ -83,7 +103,7 @@ register("ko_deshuffle", denoise.deshuffle)
 register("ko_iid_replace_span", denoise.iid_replace_span)
 register("ko_iid_drop_tokens", denoise.iid_drop_tokens)
 # Chunks leave room for the longest mode token (plain text: 4-5 ids), so an S (prefix LM) example is never trimmed.
-register("ko_ul2", denoise.ul2, mode_tokens=UL2_MODE_TOKENS, reserve=max(map(len, UL2_MODE_TOKENS.values())))
+register("ko_ul2", _ul2, reserve=longest_mode_token)
 register("ko_lm", _lm, chunk="targets", features=LM_FEATURES)
 # Every salient span whose targets fit the targets length (random spans first), one chunk of inputs - 1 tokens each.
 register("ko_salient_span", denoise.salient_span_masking, source=SALIENT_PROSE, keys=("targets", "salient_mask"))

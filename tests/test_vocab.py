@@ -1,5 +1,6 @@
 """t5k.vocab: exact round trips, the id layout, tf == python, defined errors, training artifacts, CLI and gin."""
 
+import collections
 import gzip
 import io
 import json
@@ -8,12 +9,18 @@ import unicodedata
 from pathlib import Path
 
 import gin
+import jax
+import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from t5k import cli, morph, vocab
+import t5k_tasks
+from t5k import cli, decoding, evaluation, model_loading, morph, train, vocab
+from t5k_tasks import corpora, pretraining
+from tiny_models import ENCODER_DECODER, model_gin
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -290,20 +297,128 @@ def test_gin_selects_variant(trained):
         gin.parse_config_files_and_bindings(
             [str(REPO / "gin/vocab/bbpe.gin")], [f"VOCAB_DIR = '{trained['bbpe'].path}'"])
         assert vocab.get_vocabulary() == trained["bbpe"]
-        # The registered tasks keep the shipped vocabulary: train/eval/infer refuse the binding, never ignore it.
-        with pytest.raises(vocab.VocabularyError, match="but the registered t5k_tasks tokenize"):
-            vocab.check_tasks_follow_gin()
-        vocab.check_tasks_follow_gin(trained["bbpe"], "a task of one's own")  # registered with that vocabulary
+        # The registered tasks follow gin; a task of one's own fixed to another vocabulary is refused, never ignored.
+        vocab.check_tasks_follow_gin(t5k_tasks.pretraining.VOCAB, "task 'ko_span_corruption'")
+        vocab.check_tasks_follow_gin(trained["bbpe"], "a task of one's own")
+        with pytest.raises(vocab.VocabularyError, match="but a task of one's own tokenizes with BPEVocabulary"
+                                                        r"\(variant=morph_bbpe"):
+            vocab.check_tasks_follow_gin(vocab.default_vocabulary(), "a task of one's own")
         gin.clear_config()
         gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/morph_bbpe.gin")], [])
         assert vocab.get_vocabulary() is vocab.default_vocabulary()
-        vocab.check_tasks_follow_gin()
+        vocab.check_tasks_follow_gin(t5k_tasks.pretraining.VOCAB, "task 'ko_span_corruption'")
         gin.clear_config()
         gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/char_bpe.gin")], [])
         with pytest.raises(vocab.VocabularyError, match="no shipped char_bpe vocabulary"):
             vocab.get_vocabulary()
     finally:
         gin.clear_config()
+
+
+@pytest.fixture
+def bbpe_by_gin(trained):
+    """gin/vocab/bbpe.gin pointing at the small trained bbpe vocabulary (1024 ids, no morpheme cuts)."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/bbpe.gin")], [f"VOCAB_DIR = '{trained['bbpe'].path}'"],
+                                        finalize_config=False)  # tests add the rest of a run's bindings
+    assert vocab.get_vocabulary() == trained["bbpe"]
+    yield vocab.get_vocabulary()
+    gin.clear_config()
+
+
+def _examples(name, n, lengths, split="train"):
+    return list(t5k_tasks.get_dataset(name, lengths, split=split, seed=3).take(n).as_numpy_iterator())
+
+
+def test_registered_tasks_follow_the_gin_vocabulary(bbpe_by_gin):
+    """Under gin/vocab/bbpe.gin every registered task tokenizes with bbpe (token cache, on-the-fly tokenization,
+    UL2 mode tokens, speaker tags, text tasks); clearing the binding brings the shipped vocabulary back."""
+    bbpe, lengths = bbpe_by_gin, {"inputs": 96, "targets": 96}
+    for name in ("ko_span_corruption", "ko_ul2", "ko_lm", "ko_dialog_next_utterance", "wikinews_title", "ko_pretrain"):
+        assert vocab.resolve(seqio.get_mixture_or_task(name).output_features["targets"].vocabulary) is bbpe
+    # The token cache: ko_lm's validation chunks hold exactly the characters of the validation documents.
+    chunks = _examples("ko_lm", -1, lengths, "validation")
+    assert max(int(e["targets"].max()) for e in chunks) < bbpe.vocab_size
+    text = bbpe.decode([int(t) for e in chunks for t in e["targets"][:-1]])
+    documents = [d.text for d in pretraining.PROSE.documents()["validation"]]
+    assert collections.Counter(text) == collections.Counter("".join(documents))
+    cached = corpora.cache_dir() / f"prose-validation-{corpora.vocab_fingerprint(bbpe)}-"
+    assert list(cached.parent.glob(cached.name + "*.npz"))
+    # On-the-fly tokenization (encode_tf in tf.data) gives the cached path's batches, byte for byte.
+    from_cache, from_text = _examples("ko_span_corruption", 4, lengths), _examples("ko_span_corruption_from_text", 4,
+                                                                                   lengths)
+    assert all((a["inputs"] == b["inputs"]).all() and (a["targets"] == b["targets"]).all()
+               for a, b in zip(from_cache, from_text))
+    assert bbpe.vocab_size - 1 in from_cache[0]["inputs"]  # <extra_id_0> of bbpe
+    # Ids derived from the vocabulary are bbpe's: UL2 mode tokens and chunk room, speaker tags.
+    s2s = bbpe.encode("[S2S]")
+    ul2 = [e for e in _examples("ko_ul2", 40, lengths) if e["inputs"][:len(s2s)].tolist() == s2s]
+    room = 96 - 1 - max(len(bbpe.encode(m)) for m in pretraining.UL2_MODES)
+    assert ul2 and all(len(e["inputs"]) - len(s2s) - 1 + len(e["targets"]) - 1 == room for e in ul2)
+    dialog = _examples("ko_dialog_next_utterance", 3, {"inputs": 128, "targets": 64})
+    assert all(e["inputs"][:len(bbpe.encode(" A: "))].tolist() == bbpe.encode(" A: ") for e in dialog)
+    assert " B: " in bbpe.decode(dialog[-1]["inputs"].tolist())
+    title = _examples("wikinews_title", 1, {"inputs": 64, "targets": 64})[0]
+    assert bbpe.decode(title["inputs"].tolist()).startswith("요약: ")
+
+    gin.clear_config()
+    assert vocab.resolve(pretraining.VOCAB) is vocab.default_vocabulary()
+    tag = vocab.default_vocabulary().encode(" A: ")
+    assert _examples("ko_dialog_next_utterance", 1, {"inputs": 128, "targets": 64})[0]["inputs"][:len(tag)].tolist() \
+        == tag != bbpe.encode(" A: ")
+
+
+def test_training_and_serving_with_a_gin_selected_vocabulary(bbpe_by_gin, tmp_path):
+    """t5k train on ko_span_corruption with bbpe and a model of its size; load_model serves it with bbpe. A model
+    with fewer rows than the vocabulary has ids is refused before anything is built."""
+    run = """
+train.mixture_or_task_name = 'ko_span_corruption'
+train.task_feature_lengths = {'inputs': 64, 'targets': 16}
+train.batch_size = 8
+train.train_steps = 2
+train.log_every = 1
+train.checkpoint_every = 2
+train.peak_flops_per_s = 1e9
+"""
+    gin.parse_config(model_gin(**{**ENCODER_DECODER, "vocab_size": 512}) + run)
+    with pytest.raises(vocab.VocabularyError, match="has 1024 ids, but the model's TransformerConfig.vocab_size is "
+                                                    "512: set VOCAB_SIZE"):
+        train.train(str(tmp_path / "small"))
+    assert not (tmp_path / "small").exists()
+    gin.parse_config("TransformerConfig.vocab_size = 1024")
+    last = train.train(str(tmp_path / "run"))
+    assert np.isfinite(last["loss"])
+    loaded = model_loading.load_model(str(tmp_path / "run"))
+    embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)
+                 if "token_embedder" in jax.tree_util.keystr(path)]
+    assert loaded.vocabulary is bbpe_by_gin and [e.shape[0] for e in embedding] == [1024]
+    # A task of one's own fixed to the shipped vocabulary is not scored with the model's bbpe.
+    features = {k: seqio.Feature(vocab.default_vocabulary()) for k in ("inputs", "targets")}
+    source = seqio.FunctionDataSource(lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+        {"inputs": ["하나"], "targets": ["둘"]}), splits=["validation"])
+    seqio.TaskRegistry.add("t5k_test_fixed_vocabulary", source=source, output_features=features,
+                           preprocessors=[seqio.preprocessors.tokenize], metric_fns=[])
+    try:
+        with pytest.raises(vocab.VocabularyError, match="task 't5k_test_fixed_vocabulary' tokenizes with "
+                                                        r"BPEVocabulary\(variant=morph_bbpe.*the model's vocabulary "
+                                                        r"is BPEVocabulary\(variant=bbpe"):
+            evaluation.evaluate_task(loaded, "t5k_test_fixed_vocabulary", {"inputs": 8, "targets": 8}, "validation",
+                                     1, 1, decoding.DecodeConfig(), None, 0)
+    finally:
+        seqio.TaskRegistry.remove("t5k_test_fixed_vocabulary")
+
+
+def test_tasks_show_takes_the_vocabulary_from_a_gin_file(trained, capsys):
+    bbpe = trained["bbpe"]
+    argv = ["tasks", "show", "ko_span_corruption", "-n", "1", "--inputs", "64", "--targets", "16", "--json",
+            "--gin_file=gin/vocab/bbpe.gin", f"--gin.VOCAB_DIR='{bbpe.path}'"]
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        gin.clear_config()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["inputs"] == bbpe.decode(record["inputs_ids"]) and bbpe.vocab_size - 1 in record["inputs_ids"]
+    assert max(record["inputs_ids"]) < bbpe.vocab_size
 
 
 def _cli(monkeypatch, capsys, argv, stdin: bytes):
