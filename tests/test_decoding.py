@@ -404,12 +404,16 @@ def test_gpt2_greedy_and_beam_equal_transformers_generate():
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in hf.parameters():  # GPT-2's 0.02 init makes every logit ~0: livelier weights
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        # GPT-2's 0.02 init makes every logit ~0: livelier matrices. The layer norms keep their identity init (random
+        # norm biases make one token win at every position, and the comparison would test nothing).
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     config = convert.gpt2_config_from_hf(hf.config, dtype="float32")
     params = convert.gpt2_params_from_hf(hf.state_dict(), config)
     model = DecoderOnly(config)
     prompt, lengths = _prompts()
+    refs = {}
     for hf_kwargs, t5k_kwargs in ((dict(num_beams=1), {}), (HF_BEAM, T5K_BEAM)):
         got = np.asarray(decoding.generate(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths},
                                            decoding.DecodeConfig(max_new_tokens=N, **t5k_kwargs)).tokens[:, 0])
@@ -417,6 +421,10 @@ def test_gpt2_greedy_and_beam_equal_transformers_generate():
             ref = _hf_generate(hf, input_ids=torch.from_numpy(p[None, :n]).long(), **hf_kwargs)[0, n:]
             np.testing.assert_array_equal(got[row, : len(ref)], ref, err_msg=f"{hf_kwargs} row {row}")
             assert (got[row, len(ref):] == 0).all()
+            refs[hf_kwargs["num_beams"], row] = ref.tolist()
+    # The case is not degenerate: varied tokens, beam search choosing otherwise than greedy, a beam ending at EOS.
+    assert all(len(set(refs[1, row])) >= 3 for row in range(3))
+    assert any(refs[1, row] != refs[3, row] for row in range(3)) and any(len(refs[3, row]) < N for row in range(3))
 
 
 def test_nucleus_threshold_equals_the_sort_and_cumsum_definition():
