@@ -98,12 +98,30 @@ def test_dialog_adaptation_run_has_the_dialogct5_settings():
     assert gin.query_parameter("make_optimizer.optimizer").selector == "adafactor"
 
 
+@pytest.mark.parametrize("model, peak", [("hyperclova_137m", 6.0e-4), ("hyperclova_82b", 0.6e-4)])
+def test_decoder_only_pretraining_takes_the_model_files_learning_rate(model, peak):
+    """Seed 001: each HyperCLOVA size brings its peak learning rate; the run warms up linearly for 1,000 steps and
+    decays by a cosine to 10% of the peak at its last step, with AdamW (b2 0.95) and clipping at 1.0."""
+    import t5k_tasks  # noqa: F401
+
+    gin_utils.parse_gin([f"gin/models/{model}.gin", "gin/runs/pretrain_lm.gin"], ["TRAIN_STEPS = 3000"])
+    assert _train_binding("schedule").selector == "warmup_schedule"
+    schedule = optim.warmup_schedule()
+    for step, fraction in ((500, 0.5), (1000, 1.0), (2000, 0.55), (3000, 0.1)):
+        assert optim.learning_rate_at(schedule, step) == pytest.approx(fraction * peak, rel=1e-4), step
+    assert gin.query_parameter("make_optimizer.optimizer").selector == "adamw"
+    assert (_binding("adamw.b2"), _binding("adamw.weight_decay"), _binding("make_optimizer.max_grad_norm")) == \
+        (0.95, 0.1, 1.0)
+    assert _train_binding("mixture_or_task_name") == "ko_lm"
+    assert train.default_model_type(build_model()) == "decoder"
+
+
 def test_run_files_bind_only_arguments_of_train():
     """Every `train.*` binding of the run files is an argument of `train` (gin would only fail at call time)."""
     import inspect
 
     arguments = set(inspect.signature(train.train).parameters)
-    for run in ("gin/runs/finetune.gin", "gin/runs/dialog_adapt.gin"):
+    for run in ("gin/runs/finetune.gin", "gin/runs/dialog_adapt.gin", "gin/runs/pretrain_lm.gin"):
         with open(os.path.join(ROOT, run)) as f:
             bound = {line.split("=")[0].strip()[len("train."):] for line in f if line.startswith("train.")}
         assert bound and bound <= arguments, (run, bound - arguments)
