@@ -5,6 +5,7 @@ import functools
 
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 
 from t5k.preprocessors import curriculum
@@ -187,6 +188,36 @@ def test_partial_utterance_masking():
     rate, span = partial_masking_rates(run(dl.partial_utterance_masking, seed=5), originals(N))
     assert abs(rate - 0.15) < 0.005
     assert 2.4 < span < 3.0  # mean 3 over the utterance tokens; a span crossing a tag is cut in two
+
+
+class SentinelVocabulary(seqio.PassThroughVocabulary):
+    """Ids pass through; the top `extra_ids` of them are sentinels (what the dialog objectives read)."""
+
+    def __init__(self, size, extra_ids):
+        super().__init__(size)
+        self._sentinels = extra_ids
+
+    @property
+    def extra_ids(self):
+        return self._sentinels
+
+
+def test_more_spans_than_sentinels_fails_the_dialog_pipeline():
+    """A mask needing more sentinels than the vocabulary's extra_ids fails the pipeline instead of numbering spans
+    with ordinary ids (a curriculum reaching rate 0.5 on long sessions gets there)."""
+    half = functools.partial(curriculum.constant_rate, rate=0.5)
+
+    def corrupt(extra_ids):
+        features = {"targets": seqio.Feature(SentinelVocabulary(V, extra_ids))}
+        source = curriculum.add_example_index(session_source(50), examples_per_step=1)
+        return collect(dl.dialog_objective(source, None, features, objective=dl.partial_utterance_masking,
+                                           speaker_tags=TAGS, seed=1, rate_fn=half))
+
+    spans = max(int(is_sentinel(ex["targets"]).sum()) for ex in corrupt(1000))  # spans + the closing sentinel
+    assert 8 < spans < 1000
+    corrupt(spans)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"more sentinels than the vocabulary.{{1,3}}s {spans - 1} extra_ids"):
+        corrupt(spans - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def _vocab_size(output_features) -> int:
     return output_features["targets"].vocabulary.vocab_size
 
 
-def _num_sentinels(output_features) -> Optional[int]:
+def sentinel_count(output_features) -> Optional[int]:
     """The vocabulary's sentinel count (seqio's `extra_ids`), the most noise spans a sentinel objective may use;
     None (not checked) for a vocabulary that declares none, e.g. a test's pass-through vocabulary."""
     return getattr(output_features["targets"].vocabulary, "extra_ids", None) or None
@@ -509,7 +509,7 @@ def span_corruption(dataset, sequence_length, output_features, seed: int = 0, no
     """T5 span corruption (see `span_corruption_objective`); chunk first with `split_to_raw_length`."""
     del sequence_length
     objective = span_corruption_objective(_vocab_size(output_features), noise_density, mean_noise_span_length,
-                                          _num_sentinels(output_features))
+                                          sentinel_count(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -532,7 +532,7 @@ def deshuffle(dataset, sequence_length, output_features, seed: int = 0, counter:
 def iid_replace_span(dataset, sequence_length, output_features, seed: int = 0, noise_density=0.15,
                      counter: Optional[DropCounter] = None):
     del sequence_length
-    objective = iid_replace_span_objective(_vocab_size(output_features), noise_density, _num_sentinels(output_features))
+    objective = iid_replace_span_objective(_vocab_size(output_features), noise_density, sentinel_count(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -545,7 +545,7 @@ def iid_drop_tokens(dataset, sequence_length, output_features, seed: int = 0, no
 def ul2(dataset, sequence_length, output_features, mode_tokens: Mapping[str, Sequence[int]], seed: int = 0,
         denoisers: Sequence[Denoiser] = UL2_DENOISERS, counter: Optional[DropCounter] = None):
     del sequence_length
-    objective = ul2_objective(_vocab_size(output_features), mode_tokens, denoisers, _num_sentinels(output_features))
+    objective = ul2_objective(_vocab_size(output_features), mode_tokens, denoisers, sentinel_count(output_features))
     return apply_objective(dataset, objective, seed, counter)
 
 
@@ -555,7 +555,7 @@ def salient_span_masking(dataset, sequence_length, output_features, seed: int = 
     dropped, counted as "no_salient_span". With `sequence_length`, spans are kept only while the targets fit
     ``sequence_length["targets"]`` with EOS (see `salient_span_objective`), so no target is ever trimmed."""
     budget = sequence_length["targets"] - 1 if sequence_length else None
-    objective = salient_span_objective(_vocab_size(output_features), max_spans, budget, _num_sentinels(output_features))
+    objective = salient_span_objective(_vocab_size(output_features), max_spans, budget, sentinel_count(output_features))
     dataset = filter_with_count(
         dataset, lambda ex: tf.reduce_any(tf.cast(ex["salient_mask"], tf.bool)), "no_salient_span", counter)
     return apply_objective(dataset, objective, seed, counter, extra_keys=("salient_mask",))

@@ -39,6 +39,7 @@ from t5k.preprocessors.denoise import (
     filter_with_count,
     plain_graph,
     random_spans_noise_mask,
+    sentinel_count,
     subseed,
     with_index,
 )
@@ -137,34 +138,35 @@ def speaker_tags_tensor(speaker_tags: Sequence[Sequence[int]]) -> tf.RaggedTenso
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objectives: (turn_tokens, speakers, tags, seed, rate) -> {"inputs", "targets"}
+# Objectives: (turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels) -> {"inputs", "targets"}
+# (num_sentinels: the vocabulary's extra_ids; a mask needing more sentinels fails, see denoise.sentinel_pair)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def next_utterance(turn_tokens, speakers, tags, seed, rate, vocab_size):
+def next_utterance(turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels=None):
     """Context with the next speaker's tag -> the last utterance.
 
     A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "A: 안녕 B: 뭐해 A:", targets "밥 먹어".
     """
-    del seed, rate, vocab_size
+    del seed, rate, vocab_size, num_sentinels
     context, _, _ = render(turn_tokens[:-1], speakers[:-1], tags)
     last_tag = tf.gather(tags, speakers[-1])
     return {"inputs": tf.concat([context, last_tag], 0), "targets": turn_tokens[-1]}
 
 
-def utterance_order(turn_tokens, speakers, tags, seed, rate, vocab_size):
+def utterance_order(turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels=None):
     """Turns shuffled (each keeps its tag) -> the session in order.
 
     A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "B: 뭐해 A: 밥 먹어 A: 안녕", targets "A: 안녕 B: 뭐해 A: 밥 먹어".
     """
-    del rate, vocab_size
+    del rate, vocab_size, num_sentinels
     order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(speakers)), seed)
     shuffled, _, _ = render(tf.gather(turn_tokens, order), tf.gather(speakers, order), tags)
     original, _, _ = render(turn_tokens, speakers, tags)
     return {"inputs": shuffled, "targets": original}
 
 
-def single_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+def single_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels=None):
     """One uniformly chosen utterance -> <M0>; its tag stays.
 
     A: 안녕 B: 뭐해 A: 밥 먹어  ->  inputs "A: 안녕 B: <M0> A: 밥 먹어", targets "<M0> 뭐해 <M1>".
@@ -173,10 +175,10 @@ def single_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size
     tokens, is_tag, turn = render(turn_tokens, speakers, tags)
     chosen = tf.random.stateless_uniform([], seed, 0, tf.size(speakers), dtype=tf.int32)
     noise = tf.logical_and(tf.equal(turn, chosen), tf.logical_not(is_tag))
-    return sentinel_pair(tokens, noise, vocab_size)
+    return sentinel_pair(tokens, noise, vocab_size, num_sentinels)
 
 
-def multiple_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+def multiple_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels=None):
     """round(rate * turns) utterances, clipped to [1, turns - 1], chosen at random -> <M0>, <M1>, ... in order.
 
     A: 안녕 B: 뭐해 A: 밥 먹어 B: 맛있어?  (rate 0.5)
@@ -189,7 +191,7 @@ def multiple_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_si
     rank = tf.argsort(tf.random.stateless_uniform([num_turns], seed))  # a random order of the turns
     masked_turn = tf.scatter_nd(rank[:num_masked, None], tf.ones([num_masked], tf.bool), [num_turns])
     noise = tf.logical_and(tf.gather(masked_turn, turn), tf.logical_not(is_tag))
-    return sentinel_pair(tokens, noise, vocab_size)
+    return sentinel_pair(tokens, noise, vocab_size, num_sentinels)
 
 
 def make_partial_utterance_masking(mean_noise_span_length: float = 3.0):
@@ -202,13 +204,13 @@ def make_partial_utterance_masking(mean_noise_span_length: float = 3.0):
       ->  inputs "A: 지난 주 <M0> 파티에 B: <M1> 고마워", targets "<M0> 너의 <M1> 초대해줘서 <M2>".
     """
 
-    def partial_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size):
+    def partial_utterance_masking(turn_tokens, speakers, tags, seed, rate, vocab_size, num_sentinels=None):
         tokens, is_tag, _ = render(turn_tokens, speakers, tags)
         utterance_noise = random_spans_noise_mask(
             tf.size(turn_tokens.flat_values), rate, mean_noise_span_length, seed, random_roll=True)
         positions = tf.where(tf.logical_not(is_tag))  # [utterance tokens, 1]
         noise = tf.scatter_nd(positions, utterance_noise, tf.shape(tokens, out_type=tf.int64))
-        return sentinel_pair(tokens, noise, vocab_size)
+        return sentinel_pair(tokens, noise, vocab_size, num_sentinels)
 
     return partial_utterance_masking
 
@@ -243,7 +245,7 @@ def dialog_objective(
     if rate_fn is not None and STEP_KEY not in dataset.element_spec:
         raise ValueError("a rate curriculum needs the step: apply curriculum.add_example_index first")
     rate_fn = rate_fn or constant_rate
-    vocab_size = output_features["targets"].vocabulary.vocab_size
+    vocab_size, num_sentinels = output_features["targets"].vocabulary.vocab_size, sentinel_count(output_features)
     tags = speaker_tags_tensor(speaker_tags)
     dataset = clean_sessions(with_index(dataset), len(speaker_tags), counter)
 
@@ -251,7 +253,8 @@ def dialog_objective(
         step = features.get(STEP_KEY, tf.constant(0, tf.int64))
         out = {k: v for k, v in features.items() if k not in SESSION_KEYS}
         out.update(objective(features["turn_tokens"], features["speakers"], tags,
-                             subseed(example_seed(seed, features[INDEX_KEY]), 7), rate_fn(step), vocab_size))
+                             subseed(example_seed(seed, features[INDEX_KEY]), 7), rate_fn(step), vocab_size,
+                             num_sentinels))
         return out
 
     return dataset.map(plain_graph(corrupt), num_parallel_calls=AUTOTUNE)
