@@ -252,13 +252,16 @@ def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> st
 
 
 def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, split: str, config) -> None:
+    """The predictions of the newest result (`results[-1]`; the earlier ones were written with theirs) and the
+    summary of all of them, `results.json` and `results.md`."""
     os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
     summary = {"checkpoint": source, "split": split, "decode_config": dataclasses.asdict(config),
                "tasks": {r.task: {"method": r.method, "examples": r.examples, "metrics": r.metrics}
                          for r in results}}
-    for result in results:
-        rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
-        _atomic_write(os.path.join(output_dir, "predictions", f"{result.task}.jsonl"), rows)
+    if results:
+        newest = results[-1]
+        rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in newest.rows)
+        _atomic_write(os.path.join(output_dir, "predictions", f"{newest.task}.jsonl"), rows)
     _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     _atomic_write(os.path.join(output_dir, "results.md"), markdown_table(results, source, split))
 
