@@ -276,8 +276,16 @@ def generate(model, params, batch: Dict[str, Any], config: DecodeConfig, seeds=N
     return _generate(model, config, nn.unbox(params), inputs, jnp.asarray(seeds, jnp.uint32), stops)
 
 
-@functools.lru_cache(maxsize=8)
 def _stop_tables(strings: Tuple[str, ...], vocabulary) -> stop_strings.StopStringTables:
+    """Built once per stop strings and concrete vocabulary (a GinVocabulary is resolved first: its hash follows
+    gin). A vocabulary without per-id bytes is refused before the cache: seqio's SentencePiece one is unhashable."""
+    concrete = stop_strings.concrete_vocabulary(vocabulary)
+    stop_strings.check_vocabulary(concrete)
+    return _cached_stop_tables(strings, concrete)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_stop_tables(strings: Tuple[str, ...], vocabulary) -> stop_strings.StopStringTables:
     return stop_strings.StopStringTables.build(strings, stop_strings.vocabulary_id_bytes(vocabulary))
 
 

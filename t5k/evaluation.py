@@ -251,11 +251,13 @@ def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, split: str, config) -> None:
+def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, vocabulary: str, split: str,
+                  config) -> None:
     """The predictions of the newest result (`results[-1]`; the earlier ones were written with theirs) and the
     summary of all of them, `results.json` and `results.md`."""
     os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
-    summary = {"checkpoint": source, "split": split, "decode_config": dataclasses.asdict(config),
+    summary = {"checkpoint": source, "vocabulary": vocabulary, "split": split,
+               "decode_config": dataclasses.asdict(config),
                "tasks": {r.task: {"method": r.method, "examples": r.examples, "metrics": r.metrics}
                          for r in results}}
     if results:
@@ -311,7 +313,8 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
         print(f"t5k eval: {name} ({result.method}, {result.examples} examples): "
               + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())), flush=True)
         results.append(result)
-        write_reports(output_dir, results, loaded.source, split, config)  # a later task's failure keeps these
+        # After each task: a later task's failure keeps these.
+        write_reports(output_dir, results, loaded.source, str(vocab.resolve(loaded.vocabulary)), split, config)
     return results
 
 

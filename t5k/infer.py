@@ -36,7 +36,7 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
-from t5k import cli, decoding, gin_utils, model_loading, partitioning
+from t5k import cli, decoding, gin_utils, model_loading, partitioning, stop_strings
 
 Generator = Callable[[List[str], List[int], decoding.DecodeConfig], List[List[str]]]
 PromptLimit = Callable[[decoding.DecodeConfig], int]  # most prompt tokens a line with these settings may have
@@ -107,6 +107,11 @@ def parse_request(line_number: int, text: str, vocabulary, where: str, base: dec
         raise InputError(f"{at}: field \"prompt\" is empty")
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise InputError(f"{at}: field \"stop\": expected a list of non-empty strings, got {stop!r}")
+    if stop:
+        try:
+            stop_strings.check_vocabulary(vocabulary)
+        except TypeError as e:
+            raise InputError(f"{at}: field \"stop\": {e}") from e
     for i, s in enumerate(stop):
         _encodable(vocabulary, s, f"{at}: field \"stop\"[{i}]")
     settings = _line_settings(value, at)
@@ -294,6 +299,11 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     config = decoding.DecodeConfig()
     gin_utils.check_positive_int("infer.batch_size", batch_size)
     loaded = model_loading.load_model(checkpoint, step, num_devices)
+    if config.stop_strings:
+        try:
+            stop_strings.check_vocabulary(loaded.vocabulary)
+        except TypeError as e:
+            raise ValueError(f"DecodeConfig.stop_strings: {e}") from None
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k infer: no --checkpoint: RANDOMLY INITIALISED parameters, outputs are noise", file=sys.stderr)
     data_axis = loaded.mesh.shape["data"]

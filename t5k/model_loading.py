@@ -73,6 +73,7 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
             params, source = trainer.init_params(model, shardings, seed), RANDOM_INIT
         else:
             directory = checkpoints.checkpoint_directory(checkpoint)
+            vocab.check_record(directory, vocabulary, f"checkpoint {checkpoint}")
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
     return LoadedModel(model, params, mesh, rules, vocabulary, source)

@@ -18,15 +18,26 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def concrete_vocabulary(vocabulary):
+    """The vocabulary behind a `t5k.vocab.GinVocabulary` (its `resolve()`), else `vocabulary` itself. Duck-typed:
+    decoding does not import t5k.vocab (TensorFlow)."""
+    resolve = getattr(type(vocabulary), "resolve", None)
+    return resolve() if resolve is not None else vocabulary
+
+
+def check_vocabulary(vocabulary) -> None:
+    """TypeError unless `vocabulary` decodes by concatenating per-id bytes (an `id_bytes` table, as t5k's BPE
+    vocabularies do; seqio's SentencePieceVocabulary does not)."""
+    if getattr(vocabulary, "id_bytes", None) is None:
+        name = type(concrete_vocabulary(vocabulary)).__name__
+        raise TypeError(f"stop strings need a vocabulary that decodes by concatenating per-id bytes (an `id_bytes` "
+                        f"table); {name} has none")
+
+
 def vocabulary_id_bytes(vocabulary) -> List[bytes]:
     """The bytes of every id, as the vocabulary decodes them (`id_bytes` of t5k's byte-level vocabularies)."""
-    table = getattr(vocabulary, "id_bytes", None)
-    if table is None:
-        raise TypeError(
-            f"stop strings need a vocabulary that decodes by concatenating per-id bytes (an `id_bytes` table); "
-            f"{type(vocabulary).__name__} has none"
-        )
-    return list(table)
+    check_vocabulary(vocabulary)
+    return list(vocabulary.id_bytes)
 
 
 def encode_stop_strings(stop_strings: Sequence[str]) -> List[bytes]:

@@ -83,14 +83,22 @@ def train(
     if mixture_or_task_name not in _registered_names():
         raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")
     task_features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
-    vocab.check_tasks_follow_gin(task_features["targets"].vocabulary, f"task {mixture_or_task_name!r}")
-    vocab.check_fits_model(task_features["targets"].vocabulary, model.config.vocab_size)
+    task_vocabulary = task_features["targets"].vocabulary
+    vocab.check_tasks_follow_gin(task_vocabulary, f"task {mixture_or_task_name!r}")
+    vocab.check_fits_model(task_vocabulary, model.config.vocab_size)
+    # The checkpoints' ids mean text only in the vocabulary they were trained with (recorded next to them).
+    checkpoint_dir = os.path.join(model_dir, "checkpoints")
+    resuming = vocab.check_record(checkpoint_dir, task_vocabulary, f"model_dir {model_dir}")
+    if init_checkpoint and not resuming:
+        vocab.check_record(checkpoints.checkpoint_directory(init_checkpoint), task_vocabulary,
+                           f"train.init_checkpoint {init_checkpoint}")
 
     with partitioning.activate(mesh, rules):
         shardings = trainer.state_shardings(model, optimizer, mesh, rules)
         manager = checkpoints.checkpoint_manager(
-            os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints
+            checkpoint_dir, save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints
         )
+        vocab.write_record(checkpoint_dir, task_vocabulary)
         if manager.latest_step() is not None:
             state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
             print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)

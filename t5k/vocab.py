@@ -15,6 +15,7 @@ frequent letter runs (t5k.morph lexicon), so that a fresh process does not have 
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import re
@@ -382,7 +383,9 @@ class GinVocabulary(seqio.Vocabulary):
     vocabulary would therefore ignore `gin/vocab/*.gin`. The registered tasks hold this proxy instead; every call
     resolves `get_vocabulary()` (a cached load: a dict lookup after the first) and forwards to the result, so
     `--gin_file=gin/vocab/bbpe.gin` switches every registered task, its token cache (keyed by the resolved
-    vocabulary's files) and `t5k eval`/`infer` to the bbpe artifact. Equality is the resolved vocabulary's.
+    vocabulary's files) and `t5k eval`/`infer` to the bbpe artifact. Equality is the resolved vocabulary's, but
+    seqio's SentencePieceVocabulary answers `False` to any other type, so `sp == proxy` is False while
+    `proxy == sp` is True: compare through `resolve()` where either side may be one.
 
     Ids computed from the vocabulary at registration time would go stale in the same way, so the tasks derive
     them (UL2 mode tokens, speaker tags) from their output features when the pipeline is built.
@@ -442,6 +445,8 @@ class GinVocabulary(seqio.Vocabulary):
     def __str__(self):
         return f"GinVocabulary({self.resolve()})"
 
+    __repr__ = __str__
+
 
 def resolve(vocabulary: seqio.Vocabulary) -> seqio.Vocabulary:
     """The concrete vocabulary behind `vocabulary` (itself unless it is a GinVocabulary)."""
@@ -457,6 +462,67 @@ def check_tasks_follow_gin(task_vocabulary: seqio.Vocabulary, task: str) -> None
         raise VocabularyError(f"gin selects {chosen}, but {task} tokenizes with {resolve(task_vocabulary)}: "
                               "bind get_vocabulary to that vocabulary, or register the task with "
                               "t5k.vocab.GinVocabulary() to follow gin (docs/vocab.md)")
+
+
+RECORD_FILE = "vocabulary.json"  # in a checkpoint manager directory: the vocabulary its model was trained with
+
+
+def model_fingerprint(vocabulary: seqio.Vocabulary) -> str:
+    """sha1 of what decides the ids: the variant, the BPE model (tokenizer.json) or the SentencePiece model, and the
+    sentinel count. Not the lexicon (saved analyses: same ids) or the training metadata, so a copied or re-lexiconed
+    artifact keeps its fingerprint."""
+    concrete = resolve(vocabulary)
+    h = hashlib.sha1(type(concrete).__name__.encode())
+    if isinstance(concrete, BPEVocabulary):
+        h.update(concrete.variant.encode())
+        with open(os.path.join(concrete.path, "tokenizer.json"), "rb") as f:
+            h.update(f.read())
+    elif hasattr(concrete, "sp_model"):
+        h.update(concrete.sp_model)
+    else:  # another kind (a test's pass-through ids): its size is all that is known across processes
+        h.update(str(concrete.vocab_size).encode())
+    h.update(str(concrete.extra_ids).encode())
+    return h.hexdigest()[:16]
+
+
+def describe(vocabulary: seqio.Vocabulary) -> dict:
+    concrete = resolve(vocabulary)
+    return {"vocabulary": str(concrete), "variant": getattr(concrete, "variant", "sentencepiece"),
+            "vocab_size": concrete.vocab_size, "extra_ids": concrete.extra_ids,
+            "fingerprint": model_fingerprint(concrete)}
+
+
+def _record_path(directory: str) -> Optional[str]:
+    """The record of a checkpoint manager directory, or of the one holding a step directory."""
+    for candidate in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(candidate, RECORD_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_record(directory: str, vocabulary: seqio.Vocabulary, what: str) -> bool:
+    """Raises VocabularyError when the checkpoints under `directory` were trained with another vocabulary than
+    `vocabulary` (their record's fingerprint differs): the model's ids would silently mean other text. False when
+    there is no record (checkpoints written before records, or converted from transformers)."""
+    path = _record_path(directory)
+    if path is None:
+        return False
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if record.get("fingerprint") != model_fingerprint(vocabulary):
+        raise VocabularyError(f"{what} was trained with {record.get('vocabulary')} ({path}), but this run uses "
+                              f"{resolve(vocabulary)}: select the same vocabulary (gin/vocab/*.gin, VOCAB_DIR)")
+    return True
+
+
+def write_record(directory: str, vocabulary: seqio.Vocabulary) -> None:
+    """Records `vocabulary` in a checkpoint manager directory (temp file, then rename)."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{RECORD_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(describe(vocabulary), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, os.path.join(directory, RECORD_FILE))
 
 
 def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:

@@ -212,6 +212,11 @@ def get_batches(mixture_or_task_name: str, sequence_length: Mapping[str, int], b
                      examples_per_step=examples_per_step or batch_size * num_shards,
                      shard_index=shard_index, num_shards=num_shards)
     ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ("inputs", "targets")})
+    absent = sorted(set(sequence_length) - set(ds.element_spec))
+    if absent:
+        raise ValueError(f"sequence_length {dict(sequence_length)} names {', '.join(absent)}, which "
+                         f"{mixture_or_task_name!r} examples lack (they have {', '.join(sorted(ds.element_spec))}): "
+                         "give lengths for the task's features only")
     converter = get_feature_converter(model_type, pack)
     ds = converter(ds, dict(sequence_length))
     ds = ds.batch(batch_size, drop_remainder=True)

@@ -79,6 +79,7 @@ def test_eval_writes_json_markdown_and_predictions_with_the_tasks_metrics(setup)
     results = json.loads((out / "results.json").read_text())
     reviews, answers = results["tasks"]["t5k_test_reviews"], results["tasks"]["t5k_test_answers"]
     assert results["checkpoint"].endswith("ckpt") and results["split"] == "validation"
+    assert results["vocabulary"].startswith("BPEVocabulary(variant=morph_bbpe")
     assert (reviews["method"], reviews["examples"], answers["method"], answers["examples"]) == (
         "rank_classification", 5, "generation", 5)
     assert set(reviews["metrics"]) == {"accuracy", "macro_f1", "mean_target_log_likelihood",

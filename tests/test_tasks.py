@@ -353,6 +353,13 @@ def test_every_source_kind_serves_the_subset():
     assert sorted(got[:3]) == want and sorted(got[3:]) == want
 
 
+def test_lengths_for_features_the_task_lacks_are_a_named_error():
+    with pytest.raises(ValueError, match="names inputs, which 'ko_lm' examples lack \\(they have targets\\)"):
+        t5k_tasks.get_batches("ko_lm", {"inputs": 64, "targets": 16}, 2, model_type="decoder")
+    assert next(t5k_tasks.get_batches("ko_lm", {"targets": 16}, 2, model_type="decoder"))["decoder_target_tokens"].shape \
+        == (2, 16)
+
+
 def test_gin_binding_caps_the_training_batches():
     """`t5k_tasks.get_dataset.train_examples` (what a low-data `t5k train` run binds) reaches get_batches."""
     import gin

@@ -368,9 +368,10 @@ def test_registered_tasks_follow_the_gin_vocabulary(bbpe_by_gin):
         == tag != bbpe.encode(" A: ")
 
 
-def test_training_and_serving_with_a_gin_selected_vocabulary(bbpe_by_gin, tmp_path):
+def test_training_and_serving_with_a_gin_selected_vocabulary(bbpe_by_gin, trained, tmp_path):
     """t5k train on ko_span_corruption with bbpe and a model of its size; load_model serves it with bbpe. A model
-    with fewer rows than the vocabulary has ids is refused before anything is built."""
+    with fewer rows than the vocabulary has ids is refused before anything is built, and so is a checkpoint under
+    another vocabulary than the one recorded with it."""
     run = """
 train.mixture_or_task_name = 'ko_span_corruption'
 train.task_feature_lengths = {'inputs': 64, 'targets': 16}
@@ -392,6 +393,8 @@ train.peak_flops_per_s = 1e9
     embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)
                  if "token_embedder" in jax.tree_util.keystr(path)]
     assert loaded.vocabulary is bbpe_by_gin and [e.shape[0] for e in embedding] == [1024]
+    record = json.loads((tmp_path / "run" / "checkpoints" / vocab.RECORD_FILE).read_text())
+    assert record["variant"] == "bbpe" and record["fingerprint"] == vocab.model_fingerprint(bbpe_by_gin)
     # A task of one's own fixed to the shipped vocabulary is not scored with the model's bbpe.
     features = {k: seqio.Feature(vocab.default_vocabulary()) for k in ("inputs", "targets")}
     source = seqio.FunctionDataSource(lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
@@ -407,6 +410,20 @@ train.peak_flops_per_s = 1e9
     finally:
         seqio.TaskRegistry.remove("t5k_test_fixed_vocabulary")
 
+    # Another vocabulary of the same size cannot serve, resume or fine-tune the checkpoint: its ids mean other text.
+    gin.parse_config(f"t5k.vocab.get_vocabulary.variant = 'morph_bbpe'\nVOCAB_DIR = '{trained['morph_bbpe'].path}'")
+    assert vocab.get_vocabulary().vocab_size == 1024
+    trained_with = r"was trained with BPEVocabulary\(variant=bbpe.*vocabulary.json\), but this run uses " \
+                   r"BPEVocabulary\(variant=morph_bbpe"
+    with pytest.raises(vocab.VocabularyError, match="checkpoint .*run " + trained_with):
+        model_loading.load_model(str(tmp_path / "run"))
+    with pytest.raises(vocab.VocabularyError, match="model_dir .*run " + trained_with):
+        train.train(str(tmp_path / "run"))
+    gin.parse_config(f"train.init_checkpoint = '{tmp_path / 'run'}'")
+    with pytest.raises(vocab.VocabularyError, match="train.init_checkpoint .*run " + trained_with):
+        train.train(str(tmp_path / "finetune"))
+    assert not (tmp_path / "finetune").exists()
+
 
 def test_tasks_show_takes_the_vocabulary_from_a_gin_file(trained, capsys):
     bbpe = trained["bbpe"]
@@ -419,6 +436,27 @@ def test_tasks_show_takes_the_vocabulary_from_a_gin_file(trained, capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["inputs"] == bbpe.decode(record["inputs_ids"]) and bbpe.vocab_size - 1 in record["inputs_ids"]
     assert max(record["inputs_ids"]) < bbpe.vocab_size
+
+
+def test_stop_strings_under_a_vocabulary_without_per_id_bytes_are_named_errors(trained):
+    """SentencePiece decodes through its own model, not per-id bytes: a line asking for stop strings gets an error
+    record (the run goes on), and generate refuses them in one line instead of failing on an unhashable key."""
+    from t5k import infer
+
+    sp = trained["sentencepiece"]
+    request = infer.parse_request(1, '{"prompt": "안녕하세요"}', sp, "p.jsonl", decoding.DecodeConfig(), lambda c: 99)
+    assert request.prompt == "안녕하세요"
+    with pytest.raises(infer.InputError, match='p.jsonl:2: field "stop": stop strings need .*SentencePieceVocabulary '
+                                               'has none'):
+        infer.parse_request(2, '{"prompt": "안녕", "stop": ["다"]}', sp, "p.jsonl", decoding.DecodeConfig(),
+                            lambda c: 99)
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([str(REPO / "gin/vocab/sentencepiece.gin")], [f"VOCAB_DIR = '{Path(sp.sentencepiece_model_file).parent}'"])
+    try:
+        with pytest.raises(TypeError, match="SentencePieceVocabulary has none"):
+            decoding._stop_tables(("다",), pretraining.VOCAB)
+    finally:
+        gin.clear_config()
 
 
 def _cli(monkeypatch, capsys, argv, stdin: bytes):
