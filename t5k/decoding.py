@@ -48,7 +48,7 @@ and inverts the CDF of the processed distribution at it (`logits_processing.samp
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import gin
@@ -304,28 +304,43 @@ def encode_prompts(model, vocabulary, prompts: Sequence[str], config: DecodeConf
         if not seq:
             raise ValueError(f"prompt {i} ({text!r}) is empty")
     if isinstance(model, EncoderDecoder):
-        ids = [list(seq) + [vocabulary.eos_id] for seq in ids]
-        key = "encoder_input_tokens"
-        width = _bucket(max(map(len, ids)))
+        rows = [list(seq) + [vocabulary.eos_id] for seq in ids]
     else:
-        ids = [[0] + list(seq) for seq in ids]
-        key = "prompt_tokens"
-        longest = max(map(len, ids))
-        if model.config.position_embedding == "absolute":
-            room = model.config.max_length - config.max_new_tokens + 1
-            too_long = [i for i, seq in enumerate(ids) if len(seq) > room]
+        rows = [[0] + list(seq) for seq in ids]
+    return batch_from_ids(model, rows, config)
+
+
+def prompt_room(model, config: DecodeConfig) -> Optional[int]:
+    """The longest decoder-only prompt (start id included) that leaves room for `max_new_tokens` in a model with
+    learned positions: max_length - max_new_tokens + 1 (the last new token needs no position of its own). None
+    when nothing bounds it (relative positions, or an encoder-decoder)."""
+    if isinstance(model, EncoderDecoder) or model.config.position_embedding != "absolute":
+        return None
+    return model.config.max_length - config.max_new_tokens + 1
+
+
+def batch_from_ids(model, rows: Sequence[Sequence[int]], config: DecodeConfig,
+                   bucket: Callable[[int], int] = _bucket) -> Dict[str, np.ndarray]:
+    """Id rows in the model's layout (encoder inputs ending with EOS; decoder-only prompts starting with 0) -> the
+    `generate` batch, zero-padded to `bucket(longest)` columns (few distinct widths, few compilations). A
+    decoder-only batch is never wider than `prompt_room`: generation runs to width + max_new_tokens - 1."""
+    longest = max(map(len, rows))
+    if isinstance(model, EncoderDecoder):
+        key, width = "encoder_input_tokens", bucket(longest)
+    else:
+        key, room = "prompt_tokens", prompt_room(model, config)
+        if room is not None:
+            too_long = [i for i, row in enumerate(rows) if len(row) > room]
             if too_long:
                 raise ValueError(f"prompts {too_long}: longer than {room} tokens, the model's max_length "
                                  f"{model.config.max_length} minus max_new_tokens {config.max_new_tokens} plus 1")
-            width = min(_bucket(longest), room)
-        else:
-            width = _bucket(longest)
-    tokens = np.zeros((len(ids), width), np.int32)
-    for i, seq in enumerate(ids):
-        tokens[i, : len(seq)] = seq
+        width = bucket(longest) if room is None else min(bucket(longest), room)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
     batch = {key: tokens}
     if key == "prompt_tokens":
-        batch["prompt_lengths"] = np.array([len(seq) for seq in ids], np.int32)
+        batch["prompt_lengths"] = np.array([len(row) for row in rows], np.int32)
     return batch
 
 

@@ -204,28 +204,19 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
     encoder input as the task gives it (EOS-terminated); for a decoder-only model `[0] + inputs`, the prefix
     of seqio's PrefixLM layout `inputs, EOS, targets`. Batches have `batch_size` rows (short ones padded with
     copies of their first row, whose outputs are dropped)."""
-    if loaded.is_encoder_decoder:
-        key, rows = "encoder_input_tokens", [list(ids) for ids in inputs]
-    else:
-        key, rows = "prompt_tokens", [[0] + list(ids) for ids in inputs]
-        model_config = loaded.model.config
-        room = model_config.max_length - config.max_new_tokens + 1
-        too_long = [i for i, row in enumerate(rows) if model_config.position_embedding == "absolute" and len(row) > room]
-        if too_long:
-            raise ValueError(f"examples {too_long[:5]}: inputs longer than {room - 1} tokens, the model's max_length "
-                             f"{model_config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}")
+    rows = [list(ids) for ids in inputs] if loaded.is_encoder_decoder else [[0] + list(ids) for ids in inputs]
+    room = decoding.prompt_room(loaded.model, config)
+    too_long = [i for i, row in enumerate(rows) if room is not None and len(row) > room]
+    if too_long:
+        raise ValueError(f"examples {too_long[:5]}: inputs longer than {room - 1} tokens, the model's max_length "
+                         f"{loaded.model.config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}")
     params = decoding.params_for_decoding(loaded.model, loaded.params)  # once, not per batch
     texts: List[List[str]] = []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_seeds = rows[start: start + batch_size], seeds[start: start + batch_size]
         pad = batch_size - len(chunk)
-        padded = chunk + [chunk[0]] * pad
-        tokens = np.zeros((batch_size, scoring.length_bucket(max(map(len, padded)))), np.int32)
-        for i, row in enumerate(padded):
-            tokens[i, : len(row)] = row
-        batch = {key: tokens}
-        if key == "prompt_tokens":
-            batch["prompt_lengths"] = np.asarray([len(row) for row in padded], np.int32)
+        # Power-of-two widths (capped by the prompt room): a task's lengths vary, each width is a compilation.
+        batch = decoding.batch_from_ids(loaded.model, chunk + [chunk[0]] * pad, config, scoring.length_bucket)
         result = decoding.generate(loaded.model, params, batch, config,
                                    np.asarray(chunk_seeds + [chunk_seeds[0]] * pad, np.uint32), loaded.vocabulary)
         texts += decoding.decode_outputs(loaded.vocabulary, np.asarray(result.tokens), config)[: len(chunk)]

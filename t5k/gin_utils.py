@@ -8,6 +8,7 @@ file resolves the same way.
 import argparse
 import dataclasses
 import os
+import re
 import tokenize
 import typing
 from typing import Any, List, Sequence, Tuple
@@ -52,9 +53,24 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     resolved = [_resolve(f, search_paths) for f in gin_files]
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+        _check_macros_defined()
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError, tokenize.TokenError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GinConfigError(f"gin configuration error: {first_line}") from e
+
+
+def _check_macros_defined() -> None:
+    """Every %MACRO a binding uses is defined. Gin checks this only when a config is finalized, which t5k does not
+    do (tests and notebooks keep binding after parsing); an undefined macro would otherwise fail when its
+    configurable is called, with a traceback instead of a line."""
+    try:
+        gin.config.validate_macros_hook(gin.config._CONFIG)
+    except ValueError as e:
+        undefined = re.search(r"'([^'/]+)/gin\.macro'", str(e))
+        if undefined is None:
+            raise
+        raise ValueError(f"macro {undefined.group(1)} is used but defined by none of the gin files or bindings") \
+            from None
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:

@@ -123,7 +123,10 @@ def parse_request(line_number: int, text: str, vocabulary, where: str, base: dec
         reason = str(e).splitlines()[0]
         raise InputError(f"{at}: {reason} (the line's settings over gin's DecodeConfig)") from e
     ids = _encodable(vocabulary, prompt, f"{at}: field \"prompt\"")
-    limit = prompt_limit(config)
+    try:
+        limit = prompt_limit(config)
+    except InputError as e:
+        raise InputError(f"{at}: {e} (the line's settings over gin's DecodeConfig)") from e
     if len(ids) > limit:
         raise InputError(f"{at}: field \"prompt\" is {len(ids)} tokens; the model takes at most "
                          f"{limit} (infer.input_length, or max_length minus max_new_tokens)")
@@ -278,10 +281,13 @@ def max_prompt_tokens(loaded, config, input_length: int) -> int:
     the last new token needs none)."""
     if loaded.is_encoder_decoder:
         return input_length - 1
-    model_config = loaded.model.config
-    if model_config.position_embedding == "absolute":
-        return min(input_length, model_config.max_length - config.max_new_tokens)
-    return input_length
+    room = decoding.prompt_room(loaded.model, config)  # start id included
+    if room is None:
+        return input_length
+    if room < 2:
+        raise InputError(f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt: the model's "
+                         f"max_length is {loaded.model.config.max_length}")
+    return min(input_length, room - 1)
 
 
 @gin.configurable(denylist=["input_path", "output_path", "checkpoint", "step", "num_devices", "progress"])
@@ -306,6 +312,10 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
             raise ValueError(f"DecodeConfig.stop_strings: {e}") from None
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k infer: no --checkpoint: RANDOMLY INITIALISED parameters, outputs are noise", file=sys.stderr)
+    try:
+        max_prompt_tokens(loaded, config, input_length)
+    except InputError as e:
+        raise ValueError(f"DecodeConfig: {e}") from None
     data_axis = loaded.mesh.shape["data"]
     if batch_size % data_axis:
         raise ValueError(f"infer.batch_size={batch_size} is not divisible by the mesh's data axis ({data_axis})")

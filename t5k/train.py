@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from t5k import checkpoints, cli, gin_utils, optim, partitioning, throughput, trainer, vocab
+from t5k import checkpoints, cli, decoding, gin_utils, optim, partitioning, throughput, trainer, vocab
 from t5k.models import EncoderDecoder, build_model
 
 
@@ -218,7 +218,7 @@ def task_metrics(model, params, mesh, rules, name, lengths, num_examples, batch_
     or, for multiple-choice tasks, rank classification. Pre-training objectives have no metrics: {}."""
     import seqio
 
-    from t5k import decoding, evaluation, model_loading
+    from t5k import evaluation, model_loading
 
     task_or_mixture = seqio.get_mixture_or_task(name)
     tasks = task_or_mixture.tasks if isinstance(task_or_mixture, seqio.Mixture) else [task_or_mixture]

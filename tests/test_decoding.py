@@ -343,6 +343,31 @@ def test_bad_inputs_raise_named_errors():
                           decoding.DecodeConfig(max_new_tokens=4))
 
 
+def test_prompt_batches_leave_room_for_the_new_tokens():
+    """A decoder-only batch with learned positions is never padded past max_length - max_new_tokens + 1, whatever
+    the bucketing: 19-token prompts fit a table of 32 with 8 new tokens, the next power of two (32) would not."""
+    from t5k import infer, model_loading, scoring
+
+    model = DecoderOnly(TransformerConfig(**GPT))
+    params = _livelier(_init(model, jnp.ones((1, 4), jnp.int32)), 3)
+    config = decoding.DecodeConfig(max_new_tokens=8, min_new_tokens=8)
+    rows = [[0] + list(range(2, 20)), [0, 5, 6]]
+    batch = decoding.batch_from_ids(model, rows, config, scoring.length_bucket)
+    assert batch["prompt_tokens"].shape == (2, 25) and batch["prompt_lengths"].tolist() == [19, 3]
+    tokens = np.asarray(decoding.generate(model, params, batch, config).tokens[:, 0])
+    for got, row in zip(tokens, rows):  # as each prompt alone, unpadded
+        alone = decoding.generate(model, params, {"prompt_tokens": np.array([row], np.int32)}, config)
+        np.testing.assert_array_equal(got, np.asarray(alone.tokens)[0, 0])
+    with pytest.raises(ValueError, match=r"prompts \[0\]: longer than 25 tokens"):
+        decoding.batch_from_ids(model, [[0] + list(range(2, 28))], config)
+    # t5k infer: new tokens that leave no room for any prompt are named as such, not as a prompt too long.
+    loaded = model_loading.LoadedModel(model, params, None, None, None, "test")
+    assert infer.max_prompt_tokens(loaded, config, 512) == 24
+    with pytest.raises(infer.InputError, match="max_new_tokens 40 leaves no room for a prompt: the model's "
+                                               "max_length is 32"):
+        infer.max_prompt_tokens(loaded, decoding.DecodeConfig(max_new_tokens=40), 512)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Parity with transformers `generate` on imported weights.
 

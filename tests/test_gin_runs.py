@@ -112,8 +112,17 @@ def test_decoder_only_pretraining_takes_the_model_files_learning_rate(model, pea
     assert gin.query_parameter("make_optimizer.optimizer").selector == "adamw"
     assert (_binding("adamw.b2"), _binding("adamw.weight_decay"), _binding("make_optimizer.max_grad_norm")) == \
         (0.95, 0.1, 1.0)
-    assert _train_binding("mixture_or_task_name") == "ko_lm"
+    assert _train_binding("mixture_or_task_name") == "ko_lm" and _binding("LossConfig.z_loss") == 0.0
     assert train.default_model_type(build_model()) == "decoder"
+
+
+def test_a_macro_no_file_defines_is_a_gin_configuration_error():
+    """gpt.gin has no LEARNING_RATE (the hyperclova size files do): a one-line error when parsing, not a traceback
+    when the schedule is built."""
+    with pytest.raises(gin_utils.GinConfigError, match="macro LEARNING_RATE is used but defined by none"):
+        gin_utils.parse_gin(["gin/models/gpt.gin", "gin/runs/pretrain_lm.gin"], [])
+    gin.clear_config()
+    gin_utils.parse_gin(["gin/models/gpt.gin", "gin/runs/pretrain_lm.gin"], ["LEARNING_RATE = 6e-4"])
 
 
 def test_run_files_bind_only_arguments_of_train():

@@ -31,6 +31,7 @@ TINY = [
     "--gin.train.checkpoint_every=8",
     "--gin.train.predict_examples=0",
     "--gin.rsqrt_schedule.warmup_steps=10",
+    "--gin.DecodeConfig.max_new_tokens=4",  # the evaluation's decoding settings bind on the command line too
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
