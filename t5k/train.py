@@ -65,6 +65,10 @@ def train(
     state and the schedule start from zero. Once `model_dir` has checkpoints of its own, resuming from them wins.
     """
     # Everything that can be wrong with the configuration fails here, before any compilation.
+    for name, value in (("train_steps", train_steps), ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+        gin_utils.check_positive_int(f"train.{name}", value)
+    if keep_checkpoints is not None:
+        gin_utils.check_positive_int("train.keep_checkpoints", keep_checkpoints)
     partitioning.initialize_distributed()  # multi-host: before anything asks jax for its devices
     model = build_model()
     mesh = partitioning.create_mesh()
@@ -148,7 +152,8 @@ def train(
                                      mfu=f"{scalars['mfu']:.1%}")
                 print(trainer.log_line(done, scalars), flush=True)
                 last = scalars
-            checkpoints.save(manager, done, state, force=done == train_steps)
+            if done % checkpoint_every == 0 or done == train_steps:  # Orbax alone would also save the first step
+                checkpoints.save(manager, done, state, force=True)
             if eval_every and (done % eval_every == 0 or done == train_steps):
                 last.update(evaluate(model, state.params, mesh, rules, mixture_or_task_name, task_feature_lengths,
                                      batch_size, eval_batches, model_type, pack, seed))

@@ -393,6 +393,7 @@ train.peak_flops_per_s = 1e9
     embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)
                  if "token_embedder" in jax.tree_util.keystr(path)]
     assert loaded.vocabulary is bbpe_by_gin and [e.shape[0] for e in embedding] == [1024]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", vocab.RECORD_FILE]
     record = json.loads((tmp_path / "run" / "checkpoints" / vocab.RECORD_FILE).read_text())
     assert record["variant"] == "bbpe" and record["fingerprint"] == vocab.model_fingerprint(bbpe_by_gin)
     # A task of one's own fixed to the shipped vocabulary is not scored with the model's bbpe.
