@@ -74,6 +74,7 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
         else:
             directory = checkpoints.checkpoint_directory(checkpoint)
             vocab.check_record(directory, vocabulary, f"checkpoint {checkpoint}")
+            checkpoints.check_model_record(directory, model, f"checkpoint {checkpoint}")
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
     return LoadedModel(model, params, mesh, rules, vocabulary, source)

@@ -91,11 +91,17 @@ def train(
     vocab.check_tasks_follow_gin(task_vocabulary, f"task {mixture_or_task_name!r}")
     vocab.check_fits_model(task_vocabulary, model.config.vocab_size)
     # The checkpoints' ids mean text only in the vocabulary they were trained with (recorded next to them).
+    # So do settings that change what the parameters compute without changing their shapes (e.g. prefix_lm).
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
     resuming = vocab.check_record(checkpoint_dir, task_vocabulary, f"model_dir {model_dir}")
+    checkpoints.check_model_record(checkpoint_dir, model, f"model_dir {model_dir}")
     if init_checkpoint and not resuming:
-        vocab.check_record(checkpoints.checkpoint_directory(init_checkpoint), task_vocabulary,
-                           f"train.init_checkpoint {init_checkpoint}")
+        init_directory = checkpoints.checkpoint_directory(init_checkpoint)
+        vocab.check_record(init_directory, task_vocabulary, f"train.init_checkpoint {init_checkpoint}")
+        changed = checkpoints.model_record_differences(init_directory, model)
+        if changed:  # fine-tuning may change them on purpose (e.g. a causal LM fine-tuned as a prefix LM)
+            print(f"t5k train: note: starting from {init_checkpoint} with other settings: {'; '.join(changed)}",
+                  flush=True)
 
     with partitioning.activate(mesh, rules):
         shardings = trainer.state_shardings(model, optimizer, mesh, rules)
@@ -103,6 +109,7 @@ def train(
             checkpoint_dir, save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints
         )
         vocab.write_record(checkpoint_dir, task_vocabulary)
+        checkpoints.write_model_record(checkpoint_dir, model)
         if manager.latest_step() is not None:
             state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
             print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)

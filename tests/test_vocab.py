@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import t5k_tasks
-from t5k import cli, decoding, evaluation, model_loading, morph, train, vocab
+from t5k import checkpoints, cli, decoding, evaluation, model_loading, morph, train, vocab
 from t5k_tasks import corpora, pretraining
 from tiny_models import ENCODER_DECODER, model_gin
 
@@ -393,7 +393,11 @@ train.peak_flops_per_s = 1e9
     embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)
                  if "token_embedder" in jax.tree_util.keystr(path)]
     assert loaded.vocabulary is bbpe_by_gin and [e.shape[0] for e in embedding] == [1024]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", vocab.RECORD_FILE]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "model.json", vocab.RECORD_FILE]
+    gin.parse_config("TransformerConfig.scale_attention_logits = True")  # same shapes, another function
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="scale_attention_logits: False -> True"):
+        model_loading.load_model(str(tmp_path / "run"))
+    gin.parse_config("TransformerConfig.scale_attention_logits = False")
     record = json.loads((tmp_path / "run" / "checkpoints" / vocab.RECORD_FILE).read_text())
     assert record["variant"] == "bbpe" and record["fingerprint"] == vocab.model_fingerprint(bbpe_by_gin)
     # A task of one's own fixed to the shipped vocabulary is not scored with the model's bbpe.
