@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import t5k_tasks  # noqa: E402
-from t5k import morph  # noqa: E402
+from t5k import morph, vocab  # noqa: E402
 from t5k_tasks import corpora  # noqa: E402
 
 LENGTHS = {"inputs": 512, "targets": 114}
@@ -178,7 +178,7 @@ def cold(make, lexicon: Optional[morph.Lexicon]):
     """`make()` with the vocabulary's in-process caches emptied, as in a fresh process, over `lexicon` (loaded
     beforehand, untimed) or none (a cold start as before lexicons). Building the token cache for (b), or an earlier
     run, may have filled the caches."""
-    vocabulary = t5k_tasks.pretraining.VOCAB
+    vocabulary = vocab.resolve(t5k_tasks.pretraining.VOCAB)  # the BPEVocabulary behind the tasks' GinVocabulary
     gc.collect()  # the previous run's tf.data iterator (and its prefetch threads) must be gone
     vocabulary._splitter = morph.MorphSplitter(lexicon)
     vocabulary._ids_cache = {}

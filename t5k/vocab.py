@@ -391,8 +391,12 @@ class GinVocabulary(seqio.Vocabulary):
     them (UL2 mode tokens, speaker tags) from their output features when the pipeline is built.
     """
 
-    def __init__(self):
-        super().__init__(extra_ids=0)
+    def __init__(self):  # no state: seqio's __init__ would only store extra_ids, which is forwarded
+        pass
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"GinVocabulary forwards to get_vocabulary() and holds nothing: set {name!r} on "
+                             "t5k.vocab.resolve(vocabulary)")
 
     @staticmethod
     def resolve() -> seqio.Vocabulary:

@@ -336,6 +336,9 @@ def test_registered_tasks_follow_the_gin_vocabulary(bbpe_by_gin):
     bbpe, lengths = bbpe_by_gin, {"inputs": 96, "targets": 96}
     for name in ("ko_span_corruption", "ko_ul2", "ko_lm", "ko_dialog_next_utterance", "wikinews_title", "ko_pretrain"):
         assert vocab.resolve(seqio.get_mixture_or_task(name).output_features["targets"].vocabulary) is bbpe
+    assert vocab.resolve(pickle.loads(pickle.dumps(pretraining.VOCAB))) is bbpe  # a view, pickled as such
+    with pytest.raises(AttributeError, match="set '_ids_cache' on t5k.vocab.resolve"):
+        pretraining.VOCAB._ids_cache = {}  # would shadow the resolved vocabulary's cache, silently
     # The token cache: ko_lm's validation chunks hold exactly the characters of the validation documents.
     chunks = _examples("ko_lm", -1, lengths, "validation")
     assert max(int(e["targets"].max()) for e in chunks) < bbpe.vocab_size
