@@ -6,8 +6,6 @@ mid-save leaves the previous checkpoint as the latest restorable one. Restoring 
 read onto 1 or 2 devices (HyperCLOVA's "checkpoint merge"), with no conversion step.
 """
 
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -40,55 +38,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = Fa
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose stored tree differs from the state it is restored into; the message names the paths."""
-
-
-# ------------------------------------------------------------------------------------------------ model record
-
-MODEL_RECORD = "model.json"  # in a checkpoint manager directory: the model configuration it was trained with
-# TransformerConfig fields that change what the parameters compute without changing their shapes: a restore cannot
-# notice them. (The others either change shapes, which the restore checks, or are run-time choices: dtype,
-# dropout, scan, remat, fusion, the initialiser.)
-FUNCTION_FIELDS = ("mlp_activations", "norm", "norm_epsilon", "position_embedding", "relative_attention_max_distance",
-                   "rotary_base", "scale_attention_logits", "prefix_lm")
-
-
-def _model_record(model) -> dict:
-    return {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)}
-
-
-def write_model_record(directory: str, model) -> None:
-    """Records `model`'s class and TransformerConfig next to its checkpoints (temp file, then rename)."""
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{MODEL_RECORD}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(_model_record(model), indent=2) + "\n")
-    os.replace(tmp, os.path.join(directory, MODEL_RECORD))
-
-
-def model_record_differences(directory: str, model) -> List[str]:
-    """`TransformerConfig.field: recorded -> this run's` for each FUNCTION_FIELDS entry that differs from the
-    record of the checkpoints under `directory` (or of the manager directory holding a step directory); [] when
-    they agree or there is no record (checkpoints written before records, or converted from transformers)."""
-    for candidate in (directory, os.path.dirname(os.path.abspath(directory))):
-        path = os.path.join(candidate, MODEL_RECORD)
-        if os.path.isfile(path):
-            break
-    else:
-        return []
-    with open(path, encoding="utf-8") as f:
-        recorded = json.load(f)["config"]
-    current = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples as lists, like the record
-    return [f"TransformerConfig.{name}: {recorded[name]!r} -> {current[name]!r}" for name in FUNCTION_FIELDS
-            if name in recorded and recorded[name] != current[name]]
-
-
-def check_model_record(directory: str, model, what: str) -> None:
-    """Raises CheckpointMismatchError when `model` computes differently from the model the checkpoints under
-    `directory` were trained with, in a setting the parameters' shapes do not show (e.g. prefix_lm)."""
-    differences = model_record_differences(directory, model)
-    if differences:
-        raise CheckpointMismatchError(f"{what} was trained with other settings ({'; '.join(differences)}): bind "
-                                      f"the recorded ones (its {MODEL_RECORD})")
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Any:

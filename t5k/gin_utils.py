@@ -126,7 +126,7 @@ def describe_type(hint) -> str:
     return names.get(hint, str(hint))
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """`name = value` must be an integer >= 1 (a batch size, a step count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} = {value!r}; expected a positive integer")
+def check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
+    """`name = value` must be an integer >= 1 (a batch size, a step count), or >= 0 with `allow_zero` (0: off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} = {value!r}; expected a {'non-negative' if allow_zero else 'positive'} integer")

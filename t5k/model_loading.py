@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax
 import seqio
 
-from t5k import checkpoints, partitioning, trainer, vocab
+from t5k import checkpoints, partitioning, records, trainer, vocab
 from t5k.models import EncoderDecoder, abstract_params, build_model
 
 RANDOM_INIT = "random-init"
@@ -73,8 +73,7 @@ def load_model(checkpoint: Optional[str], step: Optional[int] = None, num_device
             params, source = trainer.init_params(model, shardings, seed), RANDOM_INIT
         else:
             directory = checkpoints.checkpoint_directory(checkpoint)
-            vocab.check_record(directory, vocabulary, f"checkpoint {checkpoint}")
-            checkpoints.check_model_record(directory, model, f"checkpoint {checkpoint}")
+            records.check(directory, vocabulary, model, f"checkpoint {checkpoint}")
             params = checkpoints.restore_params(directory, target, step=step)
             source = directory + ("" if step is None else f" (step {step})")
     return LoadedModel(model, params, mesh, rules, vocabulary, source)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from t5k import checkpoints, cli, decoding, gin_utils, optim, partitioning, throughput, trainer, vocab
+from t5k import checkpoints, cli, decoding, gin_utils, optim, partitioning, records, throughput, trainer, vocab
 from t5k.models import EncoderDecoder, build_model
 
 
@@ -69,6 +69,8 @@ def train(
         gin_utils.check_positive_int(f"train.{name}", value)
     if keep_checkpoints is not None:
         gin_utils.check_positive_int("train.keep_checkpoints", keep_checkpoints)
+    for name, value in (("eval_every", eval_every), ("eval_metric_examples", eval_metric_examples)):
+        gin_utils.check_positive_int(f"train.{name}", value, allow_zero=True)  # 0: off
     partitioning.initialize_distributed()  # multi-host: before anything asks jax for its devices
     model = build_model()
     mesh = partitioning.create_mesh()
@@ -91,14 +93,14 @@ def train(
     vocab.check_tasks_follow_gin(task_vocabulary, f"task {mixture_or_task_name!r}")
     vocab.check_fits_model(task_vocabulary, model.config.vocab_size)
     # The checkpoints' ids mean text only in the vocabulary they were trained with (recorded next to them).
-    # So do settings that change what the parameters compute without changing their shapes (e.g. prefix_lm).
+    # So do settings that change what the parameters compute without changing their shapes (t5k.records).
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
-    resuming = vocab.check_record(checkpoint_dir, task_vocabulary, f"model_dir {model_dir}")
-    checkpoints.check_model_record(checkpoint_dir, model, f"model_dir {model_dir}")
-    if init_checkpoint and not resuming:
+    if records.has_steps(checkpoint_dir):
+        records.check(checkpoint_dir, task_vocabulary, model, f"model_dir {model_dir}")
+    elif init_checkpoint:
         init_directory = checkpoints.checkpoint_directory(init_checkpoint)
-        vocab.check_record(init_directory, task_vocabulary, f"train.init_checkpoint {init_checkpoint}")
-        changed = checkpoints.model_record_differences(init_directory, model)
+        records.check_vocabulary(init_directory, task_vocabulary, f"train.init_checkpoint {init_checkpoint}")
+        changed = records.model_differences(init_directory, model)
         if changed:  # fine-tuning may change them on purpose (e.g. a causal LM fine-tuned as a prefix LM)
             print(f"t5k train: note: starting from {init_checkpoint} with other settings: {'; '.join(changed)}",
                   flush=True)
@@ -108,8 +110,7 @@ def train(
         manager = checkpoints.checkpoint_manager(
             checkpoint_dir, save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints
         )
-        vocab.write_record(checkpoint_dir, task_vocabulary)
-        checkpoints.write_model_record(checkpoint_dir, model)
+        records.write(checkpoint_dir, task_vocabulary, model)
         if manager.latest_step() is not None:
             state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
             print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)

@@ -468,9 +468,6 @@ def check_tasks_follow_gin(task_vocabulary: seqio.Vocabulary, task: str) -> None
                               "t5k.vocab.GinVocabulary() to follow gin (docs/vocab.md)")
 
 
-RECORD_FILE = "vocabulary.json"  # in a checkpoint manager directory: the vocabulary its model was trained with
-
-
 def model_fingerprint(vocabulary: seqio.Vocabulary) -> str:
     """sha1 of what decides the ids: the variant, the BPE model (tokenizer.json) or the SentencePiece model, and the
     sentinel count. Not the lexicon (saved analyses: same ids) or the training metadata, so a copied or re-lexiconed
@@ -490,43 +487,12 @@ def model_fingerprint(vocabulary: seqio.Vocabulary) -> str:
 
 
 def describe(vocabulary: seqio.Vocabulary) -> dict:
+    """The vocabulary as a checkpoint records it (t5k.records): its description, variant, size and fingerprint."""
     concrete = resolve(vocabulary)
-    return {"vocabulary": str(concrete), "variant": getattr(concrete, "variant", "sentencepiece"),
+    variant = getattr(concrete, "variant", "sentencepiece" if hasattr(concrete, "sp_model") else type(concrete).__name__)
+    return {"vocabulary": str(concrete), "variant": variant,
             "vocab_size": concrete.vocab_size, "extra_ids": concrete.extra_ids,
             "fingerprint": model_fingerprint(concrete)}
-
-
-def _record_path(directory: str) -> Optional[str]:
-    """The record of a checkpoint manager directory, or of the one holding a step directory."""
-    for candidate in (directory, os.path.dirname(os.path.abspath(directory))):
-        path = os.path.join(candidate, RECORD_FILE)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def check_record(directory: str, vocabulary: seqio.Vocabulary, what: str) -> bool:
-    """Raises VocabularyError when the checkpoints under `directory` were trained with another vocabulary than
-    `vocabulary` (their record's fingerprint differs): the model's ids would silently mean other text. False when
-    there is no record (checkpoints written before records, or converted from transformers)."""
-    path = _record_path(directory)
-    if path is None:
-        return False
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    if record.get("fingerprint") != model_fingerprint(vocabulary):
-        raise VocabularyError(f"{what} was trained with {record.get('vocabulary')} ({path}), but this run uses "
-                              f"{resolve(vocabulary)}: select the same vocabulary (gin/vocab/*.gin, VOCAB_DIR)")
-    return True
-
-
-def write_record(directory: str, vocabulary: seqio.Vocabulary) -> None:
-    """Records `vocabulary` in a checkpoint manager directory (temp file, then rename)."""
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{RECORD_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(describe(vocabulary), indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, os.path.join(directory, RECORD_FILE))
 
 
 def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import t5k_tasks
-from t5k import checkpoints, cli, decoding, evaluation, model_loading, morph, train, vocab
+from t5k import checkpoints, cli, decoding, evaluation, model_loading, morph, records, train, vocab
 from t5k_tasks import corpora, pretraining
 from tiny_models import ENCODER_DECODER, model_gin
 
@@ -390,18 +390,21 @@ train.peak_flops_per_s = 1e9
         train.train(str(tmp_path / "small"))
     assert not (tmp_path / "small").exists()
     gin.parse_config("TransformerConfig.vocab_size = 1024")
+    # Records left by a run that failed before its first checkpoint do not bind the next run to their vocabulary.
+    records.write(str(tmp_path / "run" / "checkpoints"), vocab.default_vocabulary(), model_loading.build_model())
     last = train.train(str(tmp_path / "run"))
     assert np.isfinite(last["loss"])
     loaded = model_loading.load_model(str(tmp_path / "run"))
     embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)
                  if "token_embedder" in jax.tree_util.keystr(path)]
     assert loaded.vocabulary is bbpe_by_gin and [e.shape[0] for e in embedding] == [1024]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "model.json", vocab.RECORD_FILE]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "model.json",
+                                                                                    "vocabulary.json"]
     gin.parse_config("TransformerConfig.scale_attention_logits = True")  # same shapes, another function
     with pytest.raises(checkpoints.CheckpointMismatchError, match="scale_attention_logits: False -> True"):
         model_loading.load_model(str(tmp_path / "run"))
     gin.parse_config("TransformerConfig.scale_attention_logits = False")
-    record = json.loads((tmp_path / "run" / "checkpoints" / vocab.RECORD_FILE).read_text())
+    record = json.loads((tmp_path / "run" / "checkpoints" / records.VOCABULARY_FILE).read_text())
     assert record["variant"] == "bbpe" and record["fingerprint"] == vocab.model_fingerprint(bbpe_by_gin)
     # A task of one's own fixed to the shipped vocabulary is not scored with the model's bbpe.
     features = {k: seqio.Feature(vocab.default_vocabulary()) for k in ("inputs", "targets")}
