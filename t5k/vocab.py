@@ -402,38 +402,14 @@ class GinVocabulary(seqio.Vocabulary):
     def resolve() -> seqio.Vocabulary:
         return get_vocabulary()
 
-    # Everything seqio and t5k call on a vocabulary, forwarded.
-    extra_ids = property(lambda self: self.resolve().extra_ids)
-    vocab_size = property(lambda self: self.resolve().vocab_size)
-    _base_vocab_size = property(lambda self: self.resolve()._base_vocab_size)
-    bos_id = property(lambda self: self.resolve().bos_id)
-    pad_id = property(lambda self: self.resolve().pad_id)
-    eos_id = property(lambda self: self.resolve().eos_id)
-    unk_id = property(lambda self: self.resolve().unk_id)
-
-    def encode(self, s):
-        return self.resolve().encode(s)
-
-    def decode(self, ids):
-        return self.resolve().decode(ids)
-
-    def encode_tf(self, s):
-        return self.resolve().encode_tf(s)
-
-    def decode_tf(self, ids):
-        return self.resolve().decode_tf(ids)
-
-    def _encode(self, s):
-        return self.resolve()._encode(s)
-
-    def _decode(self, ids):
-        return self.resolve()._decode(ids)
-
-    def _encode_tf(self, s):
-        return self.resolve()._encode_tf(s)
-
-    def _decode_tf(self, ids):
-        return self.resolve()._decode_tf(ids)
+    # Everything seqio and t5k call on a vocabulary, forwarded (abstract in seqio.Vocabulary, so not left to
+    # __getattr__, which only sees names the class lacks).
+    extra_ids, vocab_size, _base_vocab_size, bos_id, pad_id, eos_id, unk_id = (
+        property(functools.partial(lambda self, name: getattr(self.resolve(), name), name=name))
+        for name in ("extra_ids", "vocab_size", "_base_vocab_size", "bos_id", "pad_id", "eos_id", "unk_id"))
+    encode, decode, encode_tf, decode_tf, _encode, _decode, _encode_tf, _decode_tf = (
+        functools.partialmethod(lambda self, arg, name: getattr(self.resolve(), name)(arg), name=name)
+        for name in ("encode", "decode", "encode_tf", "decode_tf", "_encode", "_decode", "_encode_tf", "_decode_tf"))
 
     def __getattr__(self, name):  # encode_batch, pieces, variant, path, id_bytes, sp_model, ...
         if name.startswith("__"):
