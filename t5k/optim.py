@@ -6,6 +6,7 @@ inverse-square-root schedule `1/sqrt(max(step, 10k))`.
 AdamW is the alternative the CT5 seed compared against.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -72,10 +73,25 @@ def adafactor(learning_rate: Schedule = gin.REQUIRED, param_axes: Optional[Any] 
 
 @gin.configurable
 def adamw(learning_rate: Schedule = gin.REQUIRED, param_axes: Optional[Any] = None, b1: float = 0.9,
-          b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01) -> optax.GradientTransformation:
-    """AdamW; its moments are elementwise, so `param_axes` is accepted for a uniform signature and unused."""
-    del param_axes
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+          b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+          decay_vectors: bool = False) -> optax.GradientTransformation:
+    """AdamW. Weight decay applies to matrices (kernels, embeddings, position tables) and, unless
+    `decay_vectors`, not to vectors (biases, norm scales), as in GPT-2/3 and Megatron practice. A parameter's
+    dims are counted from its logical names (`param_axes`) without a scanned `layers` dim, so a scanned stack of
+    biases `[layers, mlp]` is still a vector; without names, from its rank."""
+    mask = None if decay_vectors else functools.partial(_matrices, param_axes)
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+
+
+def _matrices(param_axes, params):
+    """A tree like `params`: True where the parameter has two or more dims besides a scanned `layers` dim. Looked
+    up by path, so `params` may be a subset (the trainable ones inside `make_optimizer(trainable=...)`)."""
+    if param_axes is None:
+        return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    matrix = {path: sum(name != "layers" for name in spec) >= 2
+              for path, spec in jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=is_spec)}
+    return jax.tree_util.tree_map_with_path(lambda path, _: matrix[path], params)
 
 
 @gin.configurable

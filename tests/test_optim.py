@@ -1,6 +1,8 @@
 """Adafactor against a hand-written reference of the paper's update (T5 settings), its factoring by logical axis
 names (scanned == unrolled), bf16 state, and the schedules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +264,30 @@ def test_eager_init_state_can_be_donated():
     for a, b in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(expected_params)):
         np.testing.assert_array_equal(a, b)
     assert int(new_state.count) == 1
+
+
+def test_adamw_decays_matrices_not_vectors():
+    """GPT-style AdamW: kernels and embeddings decay, biases and norm scales (scanned or not) do not; with
+    decay_vectors everything decays. Zero gradients leave Adam's step at 0, so an update is -lr * wd * param
+    exactly where decay applies. Inside a trainable subset the mask is looked up by path."""
+    from jax.sharding import PartitionSpec as P
+
+    params = {"kernel": jnp.ones((4, 16, 32)), "bias": jnp.ones((4, 32)), "scale": jnp.ones(16),
+              "embedding": jnp.ones((64, 16))}
+    axes = {"kernel": P("layers", "embed", "mlp"), "bias": P("layers", "mlp"), "scale": P("embed"),
+            "embedding": P("vocab", "embed")}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    def step(tx):
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return {k: float(np.unique(np.asarray(v))[0]) for k, v in updates.items()}
+
+    schedule = optim.constant_schedule(0.1)
+    assert step(optim.adamw(schedule, param_axes=axes, weight_decay=0.5)) == pytest.approx(
+        {"kernel": -0.05, "bias": 0.0, "scale": 0.0, "embedding": -0.05})
+    assert step(optim.adamw(schedule, param_axes=axes, weight_decay=0.5, decay_vectors=True)) == pytest.approx(
+        {"kernel": -0.05, "bias": -0.05, "scale": -0.05, "embedding": -0.05})
+    assert step(optim.adamw(schedule, weight_decay=0.5))["bias"] == pytest.approx(-0.05)  # unnamed: by rank
+    subset = optim.make_optimizer(optimizer=functools.partial(optim.adamw, weight_decay=0.5), schedule=schedule,
+                                  param_axes=axes, trainable=lambda path: path != "kernel")
+    assert step(subset) == pytest.approx({"kernel": 0.0, "bias": 0.0, "scale": 0.0, "embedding": -0.05})

@@ -72,6 +72,38 @@ def _low_precision_dense_bwd(num_in, dtype, residuals, g):
 _low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd)
 
 
+def dense_transposed(x: Array, table: Array, dtype) -> Array:
+    """`x [..., e] · table [v, e]ᵀ -> [..., v]` in `dtype`, float32 result: the tied output projection
+    (`Embed.attend`). Not `dense(x, table.T, ...)`: XLA folds that transpose into the table gradient's dot as a
+    transposed output, which XLA:CPU's bfloat16 path cannot run (DotThunk: "BF16 x BF16 = F32" unimplemented).
+    Here the table gradient is computed as `[v, e]` directly."""
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    if jnp.dtype(dtype) == F32:
+        return _dot(x.astype(F32), table.astype(F32), dims)
+    return _low_precision_dense_transposed(x, table, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_dense_transposed(x, table, dtype):
+    return _dot(x.astype(dtype), table.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _low_precision_dense_transposed_fwd(x, table, dtype):
+    return _low_precision_dense_transposed(x, table, dtype), (x, table)
+
+
+def _low_precision_dense_transposed_bwd(dtype, residuals, g):
+    x, table = residuals
+    xc, tc, g = x.astype(dtype), table.astype(dtype), g.astype(dtype)  # g: [..., v]
+    batch = tuple(range(x.ndim - 1))
+    d_x = _dot(g, tc, (((g.ndim - 1,), (0,)), ((), ())))  # [..., e]
+    d_table = _dot(g, xc, ((batch, batch), ((), ())))  # [v, e]
+    return d_x.astype(x.dtype), d_table.astype(table.dtype)
+
+
+_low_precision_dense_transposed.defvjp(_low_precision_dense_transposed_fwd, _low_precision_dense_transposed_bwd)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Attention
 

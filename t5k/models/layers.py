@@ -213,7 +213,7 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """`x @ embedding.T`, products in `dtype`, float32 result: `[..., embed] -> [..., num_embeddings]`."""
-        return kernels.dense(x, self.embedding.T, 1, self.dtype)
+        return kernels.dense_transposed(x, self.embedding, self.dtype)
 
 
 def relative_position_bucket(
