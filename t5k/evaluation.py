@@ -99,10 +99,11 @@ def evaluate_task(loaded, task_name: str, lengths: Mapping[str, int], split: str
     if not isinstance(task, seqio.Task):
         raise ValueError(f"--tasks: {task_name!r} is a mixture; evaluate its tasks by name")
     vocabulary = loaded.vocabulary
-    if vocab.resolve(task.output_features["targets"].vocabulary) != vocab.resolve(vocabulary):
-        raise vocab.VocabularyError(f"task {task_name!r} tokenizes with "
-                                    f"{vocab.resolve(task.output_features['targets'].vocabulary)}, the model's "
-                                    f"vocabulary is {vocab.resolve(vocabulary)}: bind get_vocabulary to the task's")
+    task_vocabulary = vocab.resolve(task.output_features["targets"].vocabulary)
+    model_vocabulary = vocab.resolve(vocabulary)
+    if task_vocabulary != model_vocabulary:
+        raise vocab.VocabularyError(f"task {task_name!r} tokenizes with {task_vocabulary}, the model's vocabulary is "
+                                    f"{model_vocabulary}: bind get_vocabulary to the task's")
     examples = _examples(task_name, lengths, split, max_examples)
     if "inputs" not in examples[0]:
         raise ValueError(f"task {task_name!r} has no 'inputs' feature: evaluate text-to-text tasks")

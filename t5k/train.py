@@ -95,10 +95,10 @@ def train(
     # The checkpoints' ids mean text only in the vocabulary they were trained with (recorded next to them).
     # So do settings that change what the parameters compute without changing their shapes (t5k.records).
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
+    init_directory = checkpoints.checkpoint_directory(init_checkpoint) if init_checkpoint else None
     if records.has_steps(checkpoint_dir):
         records.check(checkpoint_dir, task_vocabulary, model, f"model_dir {model_dir}")
     elif init_checkpoint:
-        init_directory = checkpoints.checkpoint_directory(init_checkpoint)
         records.check_vocabulary(init_directory, task_vocabulary, f"train.init_checkpoint {init_checkpoint}")
         changed = records.model_differences(init_directory, model)
         if changed:  # fine-tuning may change them on purpose (e.g. a causal LM fine-tuned as a prefix LM)
@@ -115,10 +115,9 @@ def train(
             state = checkpoints.restore(manager, trainer.abstract_state(model, optimizer, shardings))
             print(f"t5k train: resumed from step {int(state.step)} in {model_dir}", flush=True)
         elif init_checkpoint:
-            directory = checkpoints.checkpoint_directory(init_checkpoint)
-            params = initial_params(model, shardings, seed, directory, init_step, init_assignment_map)
+            params = initial_params(model, shardings, seed, init_directory, init_step, init_assignment_map)
             state = trainer.state_from_params(optimizer, shardings, params)
-            print(f"t5k train: parameters from {directory}" + ("" if init_step is None else f" (step {init_step})")
+            print(f"t5k train: parameters from {init_directory}" + ("" if init_step is None else f" (step {init_step})")
                   + ", fresh optimizer state", flush=True)
         else:
             state = trainer.init_state(model, optimizer, shardings, seed)

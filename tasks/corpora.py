@@ -412,7 +412,6 @@ def _cached_arrays(name: str, texts: Sequence[str], vocabulary: seqio.Vocabulary
                    definition: str = "") -> dict:
     """`build()` (a dict of numpy arrays), stored on disk and reused while the texts, the vocabulary files and
     `definition` (what `build` computes, when more than tokens) stay the same."""
-    vocabulary = vocab.resolve(vocabulary)  # a GinVocabulary's cache files are its resolved vocabulary's
     h = hashlib.sha1(definition.encode("utf-8"))
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")

@@ -15,7 +15,7 @@ otherwise), are tokenized once into the token cache, concatenated in the seeded 
 """
 
 import functools
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence
 
 import seqio
 
@@ -57,20 +57,27 @@ def _ul2(dataset, sequence_length, output_features, seed: int = 0):
     return denoise.ul2(dataset, sequence_length, output_features, ul2_mode_tokens(output_features), seed=seed)
 
 
-def _chunks(mode: str, keys: Sequence[str], reserve: Union[int, Callable]):
-    """The chunking step; a callable `reserve` is asked with the output features when the pipeline is built."""
+def _no_reserve(output_features) -> int:
+    del output_features
+    return 0
+
+
+def _chunks(mode: str, keys: Sequence[str], reserve: Callable[..., int]):
+    """The chunking step; `reserve(output_features)` is asked when the pipeline is built (the vocabulary follows
+    gin)."""
     if mode == "span_corruption":
         return functools.partial(concat_and_split, keys=keys)
 
     def chunks(dataset, sequence_length, output_features):
-        room = reserve(output_features) if callable(reserve) else reserve
-        return concat_and_split(dataset, sequence_length, length_key=mode, keys=keys, reserve=room)
+        return concat_and_split(dataset, sequence_length, length_key=mode, keys=keys,
+                                reserve=reserve(output_features))
 
     return chunks
 
 
 def register(name: str, preprocessor, source=PROSE, chunk: str = "inputs", features=OUTPUT_FEATURES,
-             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",), reserve: Union[int, Callable] = 0,
+             fixed_length: bool = False, salt: str = "", keys: Sequence[str] = ("targets",),
+             reserve: Callable[..., int] = _no_reserve,
              **kwargs) -> seqio.Task:
     """Registers `name`: source -> [tokenize] -> chunks of `keys` (`reserve` ids shorter) -> index ->
     `preprocessor` -> EOS."""
