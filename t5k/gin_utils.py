@@ -53,24 +53,59 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     resolved = [_resolve(f, search_paths) for f in gin_files]
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-        _check_macros_defined()
+        _check_macros_defined(resolved, bindings, search_paths)
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError, tokenize.TokenError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GinConfigError(f"gin configuration error: {first_line}") from e
 
 
-def _check_macros_defined() -> None:
+def _check_macros_defined(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
     """Every %MACRO a binding uses is defined. Gin checks this only when a config is finalized, which t5k does not
     do (tests and notebooks keep binding after parsing); an undefined macro would otherwise fail when its
-    configurable is called, with a traceback instead of a line."""
+    configurable is called, with a traceback instead of a line. The line names where the macro is first used."""
     try:
         gin.config.validate_macros_hook(gin.config._CONFIG)
     except ValueError as e:
         undefined = re.search(r"'([^'/]+)/gin\.macro'", str(e))
         if undefined is None:
             raise
-        raise ValueError(f"macro {undefined.group(1)} is used but defined by none of the gin files or bindings") \
-            from None
+        name = undefined.group(1)
+        where = _first_macro_use(name, files, bindings, search_paths)
+        raise ValueError(f"macro {name} is used{where} but defined by none of the gin files or bindings") from None
+
+
+def _first_macro_use(name: str, files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> str:
+    """' at FILE:LINE' (or ' by --gin.BINDING') of the first `%name` in the files, their includes first as gin
+    reads them, then the bindings; '' if none is found (gin's own files, say)."""
+    use = re.compile(rf"%{re.escape(name)}(?![\w.])")
+    include = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
+    seen = set()
+
+    def search(path: str) -> str:
+        if path in seen or not os.path.isfile(path):
+            return ""
+        seen.add(path)
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for number, line in enumerate(lines, 1):
+            code = line.split("#", 1)[0]
+            included = include.match(code)
+            if included:
+                try:
+                    found = search(_resolve(included.group(1), search_paths))
+                except GinConfigError:
+                    found = ""
+                if found:
+                    return found
+            elif use.search(code):
+                return f" at {path}:{number}"
+        return ""
+
+    for path in files:
+        found = search(path)
+        if found:
+            return found
+    return next((f" by --gin.{b}" for b in bindings if use.search(b)), "")
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:

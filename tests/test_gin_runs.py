@@ -119,10 +119,21 @@ def test_decoder_only_pretraining_takes_the_model_files_learning_rate(model, pea
 def test_a_macro_no_file_defines_is_a_gin_configuration_error():
     """gpt.gin has no LEARNING_RATE (the hyperclova size files do): a one-line error when parsing, not a traceback
     when the schedule is built."""
-    with pytest.raises(gin_utils.GinConfigError, match="macro LEARNING_RATE is used but defined by none"):
+    with pytest.raises(gin_utils.GinConfigError, match=r"macro LEARNING_RATE is used at \S*gin/runs/pretrain_lm.gin:27 but defined by none"):
         gin_utils.parse_gin(["gin/models/gpt.gin", "gin/runs/pretrain_lm.gin"], [])
     gin.clear_config()
     gin_utils.parse_gin(["gin/models/gpt.gin", "gin/runs/pretrain_lm.gin"], ["LEARNING_RATE = 6e-4"])
+
+
+def test_an_undefined_macro_is_traced_through_includes_and_bindings(tmp_path):
+    """The error names the first use: inside an included file (with its line), or the flag that uses it."""
+    mine = tmp_path / "mine.gin"
+    mine.write_text("# a run of one's own\ninclude 'gin/models/gpt.gin'\ninclude 'gin/runs/pretrain_lm.gin'\n")
+    with pytest.raises(gin_utils.GinConfigError, match=r"LEARNING_RATE is used at \S*gin/runs/pretrain_lm.gin:27 "):
+        gin_utils.parse_gin([str(mine)], [])
+    gin.clear_config()
+    with pytest.raises(gin_utils.GinConfigError, match=r"macro STEPS is used by --gin.train.train_steps = %STEPS "):
+        gin_utils.parse_gin(["gin/models/ct5_tiny.gin"], ["train.train_steps = %STEPS"])
 
 
 def test_run_files_bind_only_arguments_of_train():
