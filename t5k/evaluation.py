@@ -210,7 +210,9 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
     too_long = [i for i, row in enumerate(rows) if room is not None and len(row) > room]
     if too_long:
         raise ValueError(f"examples {too_long[:5]}: inputs longer than {room - 1} tokens, the model's max_length "
-                         f"{loaded.model.config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}")
+                         f"{loaded.model.config.max_length} minus DecodeConfig.max_new_tokens {config.max_new_tokens}"
+                         f": lower evaluate.task_feature_lengths['inputs'] to {room - 1} (the inputs are trimmed to "
+                         f"it) or max_new_tokens")
     params = decoding.params_for_decoding(loaded.model, loaded.params)  # once, not per batch
     texts: List[List[str]] = []
     for start in range(0, len(rows), batch_size):

@@ -146,16 +146,10 @@ DECODER = dict(vocab_size=51200, d_model=16, num_heads=2, head_dim=8, d_ff=32, n
 DECODER_GIN = model_gin("decoder_only", **DECODER)
 
 
-def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, monkeypatch):
-    """`evaluate.fewshot_k`: NSMC's template, shots from (here: in-memory) train records, rank classification.
-    One train review is too long for max_length 256: a prompt that drew it keeps fewer shots (nearest kept)."""
-    from t5k import fewshot
+def _decoder_checkpoint(tmp_path):
+    """`tmp_path/decoder.gin` and a parameters-only checkpoint `tmp_path/ckpt` of a random DECODER model."""
     from t5k.models import DecoderOnly
 
-    records = {split: [{"inputs": f"nsmc 문장: {t} {split}", "targets": y} for t, y in REVIEWS]
-               for split in ("train", "validation")}
-    records["train"][3]["inputs"] = "nsmc 문장: " + "정말 너무 긴 리뷰 " * 60
-    monkeypatch.setattr(fewshot, "_records_fn", lambda name: records.__getitem__)
     (tmp_path / "decoder.gin").write_text(DECODER_GIN)
     gin.clear_config()
     model = DecoderOnly(TransformerConfig(**DECODER))
@@ -165,6 +159,35 @@ def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, mo
     manager = checkpoints.checkpoint_manager(str(tmp_path / "ckpt"), save_interval_steps=1, async_save=False)
     checkpoints.save(manager, 1, params, force=True)
     manager.wait_until_finished()
+    return model, params
+
+
+def test_decoder_only_inputs_beyond_the_prompt_room_name_the_lengths_that_fit(setup, tmp_path, capsys):
+    """max_length 256 - max_new_tokens 251 leaves prompts of 6 ids ([0] + 5 input ids): the error names the
+    inputs length that fits, and evaluating with it (seqio trims the inputs) succeeds."""
+    _decoder_checkpoint(tmp_path)
+    argv = ["eval", f"--gin_file={tmp_path / 'decoder.gin'}", f"--checkpoint={tmp_path / 'ckpt'}",
+            "--tasks=t5k_test_answers", f"--output_dir={tmp_path / 'out'}", "--num_devices=1",
+            "--gin.DecodeConfig.max_new_tokens=251"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "inputs longer than 5 tokens" in err and "evaluate.task_feature_lengths['inputs'] to 5" in err, err
+    assert cli.main(argv + ["--gin.evaluate.task_feature_lengths={'inputs': 5, 'targets': 8}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "t5k_test_answers.jsonl").open()]
+    vocab = default_vocabulary()
+    assert len(rows) == len(REVIEWS) and all(len(vocab.encode(r["input"])) <= 4 for r in rows)
+
+
+def test_fewshot_rank_classification_of_a_decoder_only_model(setup, tmp_path, monkeypatch):
+    """`evaluate.fewshot_k`: NSMC's template, shots from (here: in-memory) train records, rank classification.
+    One train review is too long for max_length 256: a prompt that drew it keeps fewer shots (nearest kept)."""
+    from t5k import fewshot
+
+    records = {split: [{"inputs": f"nsmc 문장: {t} {split}", "targets": y} for t, y in REVIEWS]
+               for split in ("train", "validation")}
+    records["train"][3]["inputs"] = "nsmc 문장: " + "정말 너무 긴 리뷰 " * 60
+    monkeypatch.setattr(fewshot, "_records_fn", lambda name: records.__getitem__)
+    model, params = _decoder_checkpoint(tmp_path)
     out = tmp_path / "out"
     assert cli.main(["eval", f"--gin_file={tmp_path / 'decoder.gin'}", f"--checkpoint={tmp_path / 'ckpt'}",
                      "--tasks=nsmc", f"--output_dir={out}", "--gin.evaluate.fewshot_k=2", "--num_devices=1"]) == 0
