@@ -9,7 +9,7 @@ otherwise), are tokenized once into the token cache, concatenated in the seeded 
 | ko_span_corruption | T5 span corruption 0.15 / 3 | raw_length_for_inputs(inputs): 568 for 512 | 512/114, 128/32 |
 | ko_span_corruption_from_text | same, tokenizing on the fly (no cache) | same | same |
 | ko_span_corruption_{wikinews,book_review,fairytale} | same, one embedded corpus each (mixtures) | same | same |
-| ko_prefix_lm, ko_bert_mlm, ko_deshuffle, ko_iid_replace_span, ko_iid_drop_tokens, ko_ul2 | see denoise.py | inputs - 1 | targets = inputs for MLM/deshuffle |
+| ko_prefix_lm, ko_bert_mlm, ko_deshuffle, ko_iid_replace_span, ko_iid_drop_tokens, ko_ul2 | see denoise.py | inputs - 1 | targets = inputs for prefix LM/MLM/deshuffle/UL2; 512/256 iid replace-span; 512/114 drop-tokens |
 | ko_lm | decoder-only LM (targets only) | targets - 1 | any |
 | ko_salient_span | salient span masking: proper nouns, numbers, dates (`t5k.salient`) -> sentinels | inputs - 1 | any |
 """
