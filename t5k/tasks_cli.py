@@ -15,6 +15,7 @@ a fixed subset of K examples per task, drawn by `--subset_seed`). Gin files and 
 import argparse
 import json
 import sys
+from typing import Dict
 
 from t5k import gin_utils
 
@@ -86,15 +87,28 @@ def _show(args) -> int:
         ds = t5k_tasks.get_dataset(args.name, lengths, split=args.split, seed=args.seed,
                                    start_index=args.step * args.batch_size, examples_per_step=args.batch_size,
                                    train_examples=args.train_examples, subset_seed=args.subset_seed)
+        # Examples of a fixed-length task fill their lengths by design; any other's may have been trimmed.
+        trims = {} if _fills_its_lengths(provider) else lengths
         for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
-            _print_example(k, ex, provider.output_features, args.json)
+            _print_example(k, ex, provider.output_features, args.json, trims)
     except (ValueError, corpora.DataMissingError) as e:  # bad split or argument; data not on this machine
         print(error_line("tasks", e), file=sys.stderr)
         return 2
     return 0
 
 
-def _print_example(k: int, ex: dict, features: dict, as_json: bool) -> None:
+def _fills_its_lengths(provider) -> bool:
+    """Whether every example of the task (or of each task of the mixture) is cut to fill its lengths exactly."""
+    import seqio
+
+    import t5k_tasks
+
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    return all(task.name in t5k_tasks.FIXED_LENGTH_TASKS for task in tasks)
+
+
+def _print_example(k: int, ex: dict, features: dict, as_json: bool, trims: Dict[str, int]) -> None:
+    """One example; a feature of exactly its `trims` length is marked: seqio trims longer ones to it."""
     record = {}
     for key in ("inputs", "targets"):
         if key in ex:
@@ -112,7 +126,9 @@ def _print_example(k: int, ex: dict, features: dict, as_json: bool) -> None:
     print(head)
     for key in ("inputs", "targets"):
         if key in record:
-            print(f"{key} ({len(record[key + '_ids'])} ids): {record[key]}")
+            count = len(record[key + "_ids"])
+            mark = f", the --{key} length: trimmed if longer" if count == trims.get(key) else ""
+            print(f"{key} ({count} ids{mark}): {record[key]}")
     print()
 
 

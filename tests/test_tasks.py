@@ -489,6 +489,19 @@ def test_cli_list_and_show(capsys, span_run):
     assert cli.main(["tasks", "show", "no_such_task"]) == 2
 
 
+def test_cli_show_marks_features_that_may_have_been_trimmed(capsys, span_run):
+    """A feature at its length is marked, unless the task's examples are cut to fill their lengths (span
+    corruption's inputs are exactly 128 ids by design)."""
+    from t5k import cli
+
+    assert cli.main(["tasks", "show", "ko_prefix_lm", "-n", "1", "--inputs", "64", "--targets", "8"]) == 0
+    assert "targets (8 ids, the --targets length: trimmed if longer): " in capsys.readouterr().out
+    for name in ("ko_span_corruption", "ko_pretrain"):
+        assert cli.main(["tasks", "show", name, "-n", "1", "--inputs", "128", "--targets", "32"]) == 0
+        out = capsys.readouterr().out
+        assert "inputs (128 ids): " in out and "trimmed" not in out, out
+
+
 def test_cli_show_prints_the_train_subset_stream(capsys):
     from t5k import cli
 
