@@ -46,6 +46,7 @@ so a row's samples do not depend on which other rows share the batch. A step dra
 and inverts the CDF of the processed distribution at it (`logits_processing.sample`).
 """
 
+import math
 import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -96,10 +97,11 @@ class DecodeConfig:
         check(self.num_beams >= 1, "num_beams", "at least 1")
         check(self.length_penalty_form in LENGTH_PENALTY_FORMS, "length_penalty_form", f"one of {LENGTH_PENALTY_FORMS}")
         check(self.early_stopping in (True, False, "never"), "early_stopping", "True, False or 'never'")
-        check(self.temperature > 0, "temperature", "> 0 (use method='greedy' for the argmax)")
+        check(0 < self.temperature < math.inf, "temperature", "> 0 and finite (use method='greedy' for the argmax)")
         check(self.top_k >= 0, "top_k", ">= 0")
         check(0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        check(self.repetition_penalty > 0, "repetition_penalty", "> 0")
+        check(logits_processing.FLOAT32_TINY <= self.repetition_penalty <= logits_processing.FLOAT32_MAX,
+              "repetition_penalty", "> 0, a normal float32 (logits are divided by it)")
         check(self.num_samples >= 1, "num_samples", "at least 1")
         check(self.method != "beam" or self.num_samples <= self.num_beams, "num_samples", "<= num_beams for beam search")
         check(all(isinstance(i, int) and i >= 0 for i in self.stop_token_ids), "stop_token_ids", "non-negative ints")
@@ -273,7 +275,15 @@ def generate(model, params, batch: Dict[str, Any], config: DecodeConfig, seeds=N
         if vocabulary is None:
             raise ValueError("DecodeConfig.stop_strings needs the vocabulary (generate(..., vocabulary=...))")
         stops = _stop_tables(config.stop_strings, vocabulary)
-    return _generate(model, config, nn.unbox(params), inputs, jnp.asarray(seeds, jnp.uint32), stops)
+    if num_rows > 1:
+        return _generate(model, config, nn.unbox(params), inputs, jnp.asarray(seeds, jnp.uint32), stops)
+    # A lone row goes through as two equal rows. XLA multiplies one row by a matrix-vector kernel that sums in
+    # another order than the matrix kernel of two or more rows; near-uniform distributions turn those last bits
+    # into other sampled ids, and a prompt alone would not generate what it generates as a row of any batch.
+    # Decoding steps are bound by reading the weights, so the second row costs little.
+    twice = {key: jnp.concatenate([value, value]) for key, value in inputs.items()}
+    out = _generate(model, config, nn.unbox(params), twice, jnp.asarray(np.repeat(seeds, 2), jnp.uint32), stops)
+    return GenerateOutput(out.tokens[:1], out.scores[:1])
 
 
 def _stop_tables(strings: Tuple[str, ...], vocabulary) -> stop_strings.StopStringTables:

@@ -73,6 +73,17 @@ def _encodable(vocabulary, text: str, where: str) -> List[int]:
     return ids
 
 
+def _writable_id(value: Any, where: str) -> Any:
+    """The line's `id`, echoed into the UTF-8 output: InputError if it holds a lone surrogate (a JSON escape like
+    "\\ud800", or non-UTF-8 bytes), which no UTF-8 file can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: holds a lone surrogate (a \\ud800-\\udfff escape or non-UTF-8 bytes), which "
+                         f"the UTF-8 output cannot hold") from e
+    return value
+
+
 def _line_settings(value: Dict[str, Any], at: str) -> Dict[str, Any]:
     """The `LINE_SETTINGS` fields present in a line, type-checked (JSON booleans are not numbers)."""
     hints = typing.get_type_hints(decoding.DecodeConfig)
@@ -130,7 +141,7 @@ def parse_request(line_number: int, text: str, vocabulary, where: str, base: dec
     if len(ids) > limit:
         raise InputError(f"{at}: field \"prompt\" is {len(ids)} tokens; the model takes at most "
                          f"{limit} (infer.input_length, or max_length minus max_new_tokens)")
-    return Request(line_number, value.get("id"), prompt, config)
+    return Request(line_number, _writable_id(value.get("id"), f"{at}: field \"id\""), prompt, config)
 
 
 # ------------------------------------------------------------------------------------------------ output / resume

@@ -7,10 +7,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5k.reductions import max_over, min_over, sum_over
 
 NEG_INF = -1.0e9  # finite, so that masked logits never make NaNs in softmax or in score arithmetic
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: XLA may flush smaller ones to 0
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -42,8 +45,14 @@ def process_logits(logits: jax.Array, seen: Optional[jax.Array], step: jax.Array
 
 
 def sampling_logits(logits: jax.Array, config) -> jax.Array:
-    """Temperature, top-k, top-p (step 3): the logits to sample from, NEG_INF outside the kept set."""
-    logits = logits / config.temperature
+    """Temperature, top-k, top-p (step 3): the logits to sample from, NEG_INF outside the kept set.
+
+    The temperature scales the logits minus the row maximum, so the maximum stays at 0 and keeps weight 1 however
+    small the temperature (raw logits over a tiny one round every `exp(l - max)` to 0, and the draw fell on id
+    0). Masked ids (NEG_INF) stay masked however large it is.
+    """
+    scale = min(1.0 / config.temperature, FLOAT32_MAX)
+    logits = jnp.where(logits > NEG_INF, (logits - max_over(logits, keepdims=True)) * scale, NEG_INF)
     vocab = logits.shape[-1]
     if 0 < config.top_k < vocab:
         kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]  # [rows, 1]

@@ -2,6 +2,7 @@
 strings end generation exactly, per-row seeds, and greedy/beam outputs equal `transformers` `generate`."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -217,7 +218,8 @@ def test_limits_equal_greedy():
     greedy = _truncate_after(free, _stop_id(free))
     base = decoding.DecodeConfig(max_new_tokens=N, stop_token_ids=(_stop_id(free),))
     for config in (base.replace(method="beam", num_beams=1), base.replace(method="sample", top_k=1),
-                   base.replace(method="sample", temperature=1e-4)):
+                   base.replace(method="sample", temperature=1e-4), base.replace(method="sample", temperature=1e-20),
+                   base.replace(method="sample", temperature=1e-37, top_p=0.9)):  # no underflow to id 0
         out = decoding.generate(model, params, {"encoder_input_tokens": enc}, config, seeds=[3, 4, 5])
         np.testing.assert_array_equal(np.asarray(out.tokens[:, 0]), greedy, err_msg=str(config))
 
@@ -238,6 +240,42 @@ def test_sampling_per_row_seeds_do_not_depend_on_the_batch():
     np.testing.assert_array_equal(tokens[2], np.asarray(mixed.tokens)[0])
     np.testing.assert_allclose(np.asarray(together.scores)[2], np.asarray(mixed.scores)[0], rtol=1e-5)
     assert not np.array_equal(tokens[2, 0], tokens[2, 1])  # the two samples of a row differ
+
+
+def test_a_huge_temperature_keeps_the_masks():
+    """min_new_tokens masks the stop ids with NEG_INF; scaling by 1/temperature must not bring them back."""
+    model, params = _decoder_only()
+    prompt, lengths = _prompts()
+    config = decoding.DecodeConfig(method="sample", max_new_tokens=N, min_new_tokens=N, temperature=1e30,
+                                   stop_token_ids=tuple(range(VOCAB // 2)))
+    out = decoding.generate(model, params, {"prompt_tokens": prompt, "prompt_lengths": lengths}, config,
+                            seeds=[1, 2, 3])
+    tokens = np.asarray(out.tokens)
+    assert tokens.shape == (3, 1, N) and (tokens >= VOCAB // 2).all(), tokens  # uniform over the allowed half
+
+
+@pytest.mark.parametrize("field, value", [("temperature", math.inf), ("repetition_penalty", 1e-300),
+                                          ("repetition_penalty", 1e39)])
+def test_decode_settings_outside_float32_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"DecodeConfig.{field} = "):
+        decoding.DecodeConfig(**{field: value})
+
+
+def test_a_lone_prompt_samples_what_it_samples_inside_a_batch():
+    """XLA:CPU multiplies a single row by a matrix-vector kernel that sums in another order than the matrix kernel
+    of two or more rows; near-uniform distributions (a wide vocabulary, high temperature) turn those last bits
+    into other ids. A one-prompt batch must sample what the prompt samples as a row of a batch."""
+    model = DecoderOnly(TransformerConfig(**dict(GPT, vocab_size=51200, d_model=64, head_dim=16, d_ff=128)))
+    params = _init(model, jnp.ones((1, 4), jnp.int32))
+    prompt, lengths = _prompts()
+    config = decoding.DecodeConfig(method="sample", max_new_tokens=6, temperature=5.0)
+    for seed in range(8):
+        alone = decoding.generate(model, params, {"prompt_tokens": prompt[:1], "prompt_lengths": lengths[:1]},
+                                  config, seeds=[seed])
+        batched = decoding.generate(model, params, {"prompt_tokens": prompt[:2], "prompt_lengths": lengths[:2]},
+                                    config, seeds=[seed, 99])
+        np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(batched.tokens)[0], err_msg=seed)
+        assert np.asarray(alone.scores)[0] == np.asarray(batched.scores)[0], seed
 
 
 class _ByteVocab:

@@ -71,19 +71,21 @@ def test_bad_lines_become_error_records_and_good_lines_are_answered(checkpoint_4
         json.dumps(GOOD[1], ensure_ascii=False),
         json.dumps({"prompt": "좋은 아침", "stop": ["\ud800"]}),  # a lone surrogate: not encodable text
         json.dumps(GOOD[2], ensure_ascii=False),
+        json.dumps({"prompt": "좋은 아침", "id": ["x", "\udc80"]}),  # an id the UTF-8 output cannot echo
     ]
     source, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     _write_lines(source, lines)
     # The checkpoint came from 8 devices (4×2); it is served on one.
     counts = infer.infer(str(source), str(output), directory, num_devices=1, progress=False)
-    assert counts == {"outputs": 3, "errors": 4, "skipped": 0}
+    assert counts == {"outputs": 3, "errors": 5, "skipped": 0}
     records = _records(output)
-    assert [r["line"] for r in records] == list(range(1, 8))
+    assert [r["line"] for r in records] == list(range(1, 9))
     errors = {r["line"]: r["error"] for r in records if "error" in r}
     assert errors[2] == f'{source}:2: field "prompt" is empty'
     assert errors[3].startswith(f'{source}:3: field "prompt" is ') and "at most 11" in errors[3]
     assert errors[4].startswith(f"{source}:4: invalid JSON")
     assert errors[6].startswith(f'{source}:6: field "stop"[0] cannot be encoded by the vocabulary')
+    assert errors[8].startswith(f'{source}:8: field "id": holds a lone surrogate')
     answered = [r for r in records if "outputs" in r]
     assert [r["prompt"] for r in answered] == ["안녕하세요", "서울의 날씨는", "하늘이 파랗다"]
     assert [r["id"] for r in answered] == ["a", None, None]
