@@ -7,3 +7,5 @@ The trainer's entry point is `get_batches` (deterministic, resumable model batch
 from t5k_tasks import corpora, pipeline  # noqa: F401
 from t5k_tasks import pretraining, downstream, dialog, mixtures  # noqa: F401
 from t5k_tasks.pipeline import FIXED_LENGTH_TASKS, get_batches, get_dataset, index_context  # noqa: F401
+
+pipeline.keep_tensorflow_on_the_host()

@@ -13,6 +13,7 @@ Every task pipeline is ``source -> [tokenize] -> [chunk] -> index_examples -> ob
 """
 
 import contextlib
+import logging
 import zlib
 from typing import Mapping, Optional, Sequence
 
@@ -29,6 +30,20 @@ plain_graph = tf.autograph.experimental.do_not_convert
 FIXED_LENGTH_TASKS = set()  # names of tasks whose examples each fill exactly one (packed) row
 
 _INDEX_CONTEXT = {"start_index": 0, "examples_per_step": 1, "shard_index": 0, "num_shards": 1}
+_log = logging.getLogger(__name__)
+
+
+def keep_tensorflow_on_the_host() -> None:
+    """Hides the GPUs from TensorFlow, which here runs only the input pipeline, on the host's CPUs.
+
+    On its first op TensorFlow claims every GPU it sees and reserves most of each one's memory, leaving JAX too
+    little (t5x and MaxText hide them the same way). Called when `t5k_tasks` is imported, before any op. Once
+    TensorFlow has initialised its devices they cannot be hidden: that is logged as a warning.
+    """
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:
+        _log.warning("TensorFlow had already initialised its devices, so it may hold GPU memory JAX needs: %s", e)
 
 
 @contextlib.contextmanager

@@ -590,3 +590,23 @@ def test_shard_outside_the_shard_count_is_an_error(shard_index, num_shards):
     with pytest.raises(ValueError, match=f"shard_index {shard_index} is not in \\[0, num_shards = {num_shards}\\)"):
         t5k_tasks.get_batches("nsmc" if SHARED.exists() else "wikinews_title", SMALL, batch_size=4, pack=False,
                               shard_index=shard_index, num_shards=num_shards)
+
+
+def test_tensorflow_is_kept_off_the_gpus(monkeypatch, caplog):
+    """Importing t5k_tasks hides the GPUs from TensorFlow (it would reserve their memory on its first op); a
+    process where TensorFlow already initialised its devices gets a warning, not a failure."""
+    from t5k_tasks import pipeline
+
+    calls = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: calls.append((devices, kind)))
+    pipeline.keep_tensorflow_on_the_host()
+    assert calls == [([], "GPU")]
+
+    def initialised(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", initialised)
+    with caplog.at_level(logging.WARNING, logger="t5k_tasks.pipeline"):
+        pipeline.keep_tensorflow_on_the_host()
+    assert "already initialised its devices" in caplog.text
+    assert tf.config.get_visible_devices("GPU") == []
