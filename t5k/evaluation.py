@@ -281,7 +281,7 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     missing = [name for name in task_names if name not in known]
     if missing:
-        raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} (see `t5k tasks list`)")
+        raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} (see `t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)")
     if fewshot_k:
         untemplated = [name for name in task_names if name not in fewshot.TEMPLATES]
         if untemplated:
@@ -325,6 +325,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
     try:
         if not tasks:
             raise ValueError("--tasks: expected at least one task name")
+        import t5k_tasks  # noqa: F401  (before gin: its configurables, e.g. pretraining_files, may be bound)
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         evaluate(tasks, args.output_dir, args.checkpoint, args.step, args.num_devices, args.split)
     except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as e:

@@ -344,6 +344,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, bindings=()) -> int:
     try:
+        import t5k_tasks  # noqa: F401  (before gin: its configurables, e.g. pretraining_files, may be bound)
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         counts = infer(args.input, args.output, args.checkpoint, args.step, args.num_devices,
                        progress=sys.stderr.isatty())

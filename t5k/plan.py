@@ -355,6 +355,7 @@ def run(args: argparse.Namespace, bindings=()) -> int:
         simulate_devices(args.devices)  # before anything touches jax's devices
         import jax
 
+        import t5k_tasks  # noqa: F401  (before gin: its configurables, e.g. pretraining_files, may be bound)
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         result = plan_from_gin(devices=jax.devices()[: args.devices], scan=args.scan, batch_size=args.batch_size,
                                task_feature_lengths=_parse_lengths(args.task_feature_lengths), compile=not args.no_compile)

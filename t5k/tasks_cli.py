@@ -80,7 +80,7 @@ def _show(args) -> int:
     try:
         provider = seqio.get_mixture_or_task(args.name)
     except ValueError:
-        print(f"t5k tasks: unknown task or mixture {args.name!r} (see `t5k tasks list`)", file=sys.stderr)
+        print(f"t5k tasks: unknown task or mixture {args.name!r} (see `t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)", file=sys.stderr)
         return 2
     lengths = {"inputs": args.inputs, "targets": args.targets}
     try:
@@ -89,8 +89,11 @@ def _show(args) -> int:
                                    train_examples=args.train_examples, subset_seed=args.subset_seed)
         # Examples of a fixed-length task fill their lengths by design; any other's may have been trimmed.
         trims = {} if _fills_its_lengths(provider) else lengths
-        for k, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
-            _print_example(k, ex, provider.output_features, args.json, trims)
+        shown = 0
+        for shown, ex in enumerate(ds.take(args.n).as_numpy_iterator(), start=1):
+            _print_example(shown - 1, ex, provider.output_features, args.json, trims)
+        if not shown:
+            raise ValueError(f"{args.name} has no {args.split!r} examples from example {args.step * args.batch_size} on")
     except (ValueError, corpora.DataMissingError) as e:  # bad split or argument; data not on this machine
         print(error_line("tasks", e), file=sys.stderr)
         return 2

@@ -87,7 +87,8 @@ def train(
     from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
 
     if mixture_or_task_name not in _registered_names():
-        raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r}")
+        raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r} (see "
+                         f"`t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)")
     task_features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
     task_vocabulary = task_features["targets"].vocabulary
     vocab.check_tasks_follow_gin(task_vocabulary, f"task {mixture_or_task_name!r}")
@@ -274,6 +275,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, bindings=()) -> int:
     try:
+        import t5k_tasks  # noqa: F401  (before gin: its configurables, e.g. pretraining_files, may be bound)
         gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_path)
         model_dir = args.model_dir or _macro("MODEL_DIR") or os.path.join("runs", "default")
         last = train(model_dir)

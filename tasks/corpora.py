@@ -577,8 +577,18 @@ class DocumentSource(IndexedSource):
 
     @functools.lru_cache(maxsize=None)
     def documents(self) -> Dict[str, List[Document]]:
-        docs = [d for f in self._files_fn() for d in read_documents(f)]
-        return by_split(docs)
+        """The usable documents by split; DataMissingError if the files hold none (each was skipped and logged),
+        or none fell in the train split (the endless train stream would have nothing to repeat)."""
+        files = list(self._files_fn())
+        docs = [d for f in files for d in read_documents(f)]
+        split = by_split(docs)
+        if not split["train"]:
+            named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            raise DataMissingError(
+                f"{named}: {len(docs)} usable document(s), none in the train split (the log lines above name the "
+                f"skipped ones). A .txt file holds documents separated by blank lines, each at most "
+                f"{MAX_DOCUMENT_CHARS:,} characters; .jsonl one document per line")
+        return split
 
     def tokens(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
         return self._per_vocabulary(self._vocabulary, self._tokenize, split)

@@ -16,6 +16,8 @@ import t5k_tasks
 from t5k import feature_converters
 from t5k_tasks import corpora, mixtures
 
+ROOT = Path(__file__).resolve().parent.parent
+
 SHARED = corpora.shared_data_dir()
 needs_shared = pytest.mark.skipif(not (SHARED / "nsmc").exists(), reason="../shared/data (T5K_DATA_DIR) absent")
 SMALL = {"inputs": 128, "targets": 32}
@@ -39,6 +41,69 @@ def test_embedded_data_found_relative_to_the_package():
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: skipped, counted, logged with file and line; never a crash or a silent change
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_corpus_without_usable_documents_is_a_named_error(tmp_path, capsys):
+    """One line per file is a document-per-line corpus, not the blank-line separated .txt format: the whole file
+    is one over-long document, skipped. No document left is an error naming the files and the formats (before,
+    `tasks show` printed nothing with rc 0 and `t5k train` ended in a StopIteration traceback)."""
+    from t5k import cli
+
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"문장 {i}번은 줄마다 하나씩 적혀 있다.\n" for i in range(12000)), encoding="utf-8")
+    source = corpora.DocumentSource(lambda: [path], name="t5k_test_lines")
+    with pytest.raises(corpora.DataMissingError, match=r"lines.txt: 0 usable document\(s\), none in the train "
+                                                       r"split .* separated by blank lines"):
+        source.documents()
+    assert cli.main(["tasks", "show", "ko_span_corruption", "--split", "validation", "--step", "100000"]) == 2
+    assert capsys.readouterr().err.strip().endswith("ko_span_corruption has no 'validation' examples from example "
+                                                    "100000 on")
+
+
+def test_a_task_of_ones_own_is_found_through_a_gin_import(tmp_path, monkeypatch, capsys):
+    """docs/tasks.md "A task of your own": a module registering a task, imported by a gin file, serves `t5k tasks
+    show`; without the gin file the error says how to make it visible."""
+    import gin
+
+    from t5k import cli
+
+    module = "t5k_test_own_tasks"
+    (tmp_path / f"{module}.py").write_text(
+        "from t5k import metrics\n"
+        "from t5k_tasks.downstream import label_postprocessor, register\n"
+        "def records(split):\n"
+        "    return [{'inputs': f'감정: {split} 리뷰 {i}', 'targets': '긍정'} for i in range(3)]\n"
+        "register('t5k_test_own', records, label_postprocessor(('부정', '긍정')), [metrics.classification_metrics],"
+        " 'test')\n", encoding="utf-8")
+    (tmp_path / "own.gin").write_text(f"import {module}\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert cli.main(["tasks", "show", "t5k_test_own", "-n", "5"]) == 2
+        assert "a task of your own: `import` its module in a gin file" in capsys.readouterr().err
+        assert cli.main(["tasks", "show", "t5k_test_own", f"--gin_file={tmp_path / 'own.gin'}", "-n", "5",
+                         "--json"]) == 0
+        shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        # The endless, shuffled train stream: each epoch is the 3 records in some order.
+        assert len(shown) == 5 and {r["inputs"] for r in shown[:3]} == {f"감정: train 리뷰 {i}" for i in range(3)}
+    finally:
+        gin.clear_config()
+        if "t5k_test_own" in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove("t5k_test_own")
+
+
+def test_train_takes_the_corpus_binding_of_t5k_tasks_without_an_import_line(tmp_path):
+    """`--gin.t5k_tasks.pretraining_files.files` works with run files that do not import t5k_tasks (the CLI
+    imports it before parsing gin): a pattern matching nothing is the corpus's named error, not 'No configurable
+    matching'."""
+    import subprocess
+    import sys
+
+    pattern = str(tmp_path / "none" / "*.txt")
+    out = subprocess.run([sys.executable, "-m", "t5k.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+                          f"--gin.t5k_tasks.pretraining_files.files=['{pattern}']",
+                          f"--model_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"t5k train: pretraining file pattern {pattern!r} matches nothing"
 
 
 def test_bad_prose_input_is_skipped_and_logged(tmp_path, caplog):
