@@ -20,6 +20,7 @@ COMMANDS = {
     "infer": ("t5k.infer", "generate for a JSONL file of prompts from a checkpoint (streamed, resumable)"),
     "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }
+RESUMABLE = ("train", "infer")  # commands that pick up where an interrupted run stopped
 
 
 def error_line(command: str, error: BaseException) -> str:
@@ -64,7 +65,15 @@ def main(argv=None) -> int:
     except GinConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    return int(module.run(args, bindings) or 0)
+    try:
+        return int(module.run(args, bindings) or 0)
+    except OSError as e:  # an output path that cannot be written (a file in its way, a full disk), named in one line
+        print(error_line(command, e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resumes = " (rerun the same command to resume)" if command in RESUMABLE else ""
+        print(f"t5k {command}: interrupted{resumes}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

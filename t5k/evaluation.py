@@ -230,10 +230,16 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
 
 
 def _atomic_write(path: str, text: str) -> None:
+    """`text` to `path` through `path.tmp` and a rename; a failed write (a full disk) leaves no tmp behind."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> str:
@@ -248,7 +254,8 @@ def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> st
 def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, vocabulary: str, split: str,
                   config) -> None:
     """The predictions of the newest result (`results[-1]`; the earlier ones were written with theirs) and the
-    summary of all of them, `results.json` and `results.md`."""
+    summary of all of them, `results.md` then `results.json`. Each file is replaced whole; `results.json` comes
+    last, so after a kill it never lists a task whose predictions or table row are missing."""
     os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
     summary = {"checkpoint": source, "vocabulary": vocabulary, "split": split,
                "decode_config": dataclasses.asdict(config),
@@ -258,8 +265,8 @@ def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, v
         newest = results[-1]
         rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in newest.rows)
         _atomic_write(os.path.join(output_dir, "predictions", f"{newest.task}.jsonl"), rows)
-    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     _atomic_write(os.path.join(output_dir, "results.md"), markdown_table(results, source, split))
+    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
 
 
 @gin.configurable(denylist=["task_names", "output_dir", "checkpoint", "step", "num_devices", "split"])
@@ -289,6 +296,7 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
                              f"(templates: {', '.join(sorted(fewshot.TEMPLATES))})")
     config = decoding.DecodeConfig()
     gin_utils.check_positive_int("evaluate.batch_size", batch_size)
+    os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)  # an unwritable --output_dir fails first
     loaded = model_loading.load_model(checkpoint, step, num_devices)
     if loaded.source == model_loading.RANDOM_INIT:
         print("t5k eval: no --checkpoint: RANDOMLY INITIALISED parameters (results labelled random-init)",

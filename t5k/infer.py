@@ -313,6 +313,10 @@ def infer(input_path: str, output_path: str, checkpoint: Optional[str], step: Op
     Decoding settings: gin `DecodeConfig.*` (t5k.decoding)."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input {input_path}: no such file")
+    if os.path.exists(output_path) and not os.path.isfile(output_path):
+        raise ValueError(f"--output {output_path}: not a regular file (records are appended to it and read back)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
+        raise FileNotFoundError(f"--output {output_path}: its directory does not exist")
     config = decoding.DecodeConfig()
     gin_utils.check_positive_int("infer.batch_size", batch_size)
     loaded = model_loading.load_model(checkpoint, step, num_devices)

@@ -17,6 +17,7 @@ import argparse
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ import seqio
 import tensorflow as tf
 
 from t5k import morph
+
+_log = logging.getLogger(__name__)
 
 VARIANTS = ("morph_bbpe", "bbpe", "char_bpe", "sentencepiece")
 SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -581,6 +584,20 @@ def _publish(tmp: str, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _clean_up_after_a_killed_run(out: Path) -> None:
+    """Removes what a `vocab train` into `out` left when it was killed (SIGKILL skips its `finally`): its work
+    directories `.OUT.tmp-*`, and `.OUT.old-*`. An `.OUT.old-*/v` while `out` is missing is the previous artifact
+    of a run killed between `_publish`'s two renames: it is moved back to `out` first. (So two trainings into one
+    `out` at the same time are not supported.)"""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if (old / "v").is_dir() and not out.exists():
+            os.replace(old / "v", out)
+            _log.warning("t5k vocab: restored %s from %s, left by a killed run", out, old)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out: Union[str, Path],
           extra_ids: int = DEFAULT_EXTRA_IDS, min_frequency: int = 2, progress: bool = False,
           command: Optional[str] = None, spm_sentences: int = DEFAULT_SPM_SENTENCES,
@@ -607,6 +624,7 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
         if not os.path.isfile(f):
             raise VocabularyError(f"{f}: no such file")
     out = Path(out).resolve()
+    _clean_up_after_a_killed_run(out)
     if out.exists() and not out.is_dir():
         raise VocabularyError(f"{out} exists and is not a directory; refusing to overwrite it")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():

@@ -128,6 +128,24 @@ def test_unknown_task_is_one_clear_error(setup, capsys):
     assert "t5k eval: --tasks: no task named 'no_such_task'" in capsys.readouterr().err
 
 
+def test_unwritable_output_fails_first_in_one_line_and_reports_leave_no_tmp(setup, tmp_path, capsys, monkeypatch):
+    """--output_dir under a file: one line, before any model is loaded. A report whose write fails (a full disk;
+    here text no UTF-8 file holds) leaves neither its tmp file nor a half-written report."""
+    from t5k import evaluation, model_loading
+
+    root, _, _ = setup
+    gin.clear_config()
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded before the output check"))
+    code = cli.main(["eval", f"--gin_file={root / 'tiny.gin'}", "--tasks=t5k_test_reviews",
+                     f"--output_dir={tmp_path / 'a_file' / 'ev'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("t5k eval: ") and "a_file" in err[0], err
+    with pytest.raises(UnicodeEncodeError):
+        evaluation._atomic_write(str(tmp_path / "results.md"), "ok \ud800")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_a_checkpoint_without_a_parameter_of_the_model_is_one_clear_error(setup, capsys):
     """restore_params raises KeyError for a parameter the checkpoint lacks: printed without KeyError's quotes."""
     root, _, _ = setup

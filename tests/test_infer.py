@@ -104,6 +104,27 @@ def test_bad_lines_become_error_records_and_good_lines_are_answered(checkpoint_4
     assert answered[2]["outputs"] == stopped[0] and "다" not in stopped[0][0]
 
 
+def test_an_output_that_is_not_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """--output a directory (or /dev/full: read back endlessly) or under a missing directory: one line, rc 2."""
+    source = tmp_path / "prompts.jsonl"
+    _write_lines(source, [json.dumps({"prompt": "안녕"})])
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded before the output check"))
+    for output, message in ((tmp_path, "not a regular file"), (tmp_path / "no" / "out.jsonl", "does not exist")):
+        assert cli.main(["infer", f"--input={source}", f"--output={output}"]) == 2
+        assert capsys.readouterr().err.strip() == f"t5k infer: --output {output}: " + (
+            "not a regular file (records are appended to it and read back)" if "regular" in message
+            else "its directory does not exist")
+
+
+def test_an_interrupted_command_says_how_to_resume(monkeypatch, capsys):
+    def interrupted(args, bindings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "run", interrupted)
+    assert cli.main(["infer", "--input=x", "--output=y"]) == 130
+    assert capsys.readouterr().err.strip() == "t5k infer: interrupted (rerun the same command to resume)"
+
+
 def test_killed_run_resumes_to_the_uninterrupted_output(checkpoint_4x2, tmp_path, capsys):
     directory, _ = checkpoint_4x2
     prompts = ["하나", "둘 셋", "넷", '{"broken', "다섯 여섯", "일곱"]

@@ -244,6 +244,30 @@ def test_training_refuses_too_small_corpus_and_foreign_dirs(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_killed_trainings_leftovers_are_cleaned_and_its_artifact_restored(tmp_path, capsys):
+    """SIGKILL skips `train`'s cleanup: the next training into the same --out removes the work directories, and
+    moves back the previous artifact that a kill between the two renames of `_publish` left in `.OUT.old-*/v`.
+    An --out under a file is one line from the CLI (an OSError), not a traceback."""
+    from t5k import cli
+
+    out = tmp_path / "v"
+    (tmp_path / ".v.tmp-killed").mkdir()
+    (tmp_path / ".v.tmp-killed" / "tokenizer.json").write_text("{\"half")
+    (tmp_path / ".v.old-killed" / "v").mkdir(parents=True)
+    (tmp_path / ".v.old-killed" / "v" / "meta.json").write_text("{}")
+    small = tmp_path / "small.txt"
+    small.write_text("가나다\n", encoding="utf-8")
+    with pytest.raises(vocab.VocabularyError, match="supports only"):  # fails after the cleanup
+        vocab.train([small], 4096, "bbpe", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt", "v"]
+    assert (out / "meta.json").read_text() == "{}"
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main(["vocab", "train", "--input", str(small), "--vocab_size", "400", "--variant", "bbpe",
+                     "--out", str(tmp_path / "a_file" / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("t5k vocab: ") and "a_file" in err[0], err
+
+
 def test_char_bpe_alphabet_larger_than_the_size_asks_for_a_larger_size(tmp_path):
     """char_bpe keeps every character as a base piece, so too small a size means *more* ids are needed."""
     text = tmp_path / "chars.txt"
