@@ -21,6 +21,8 @@ COMMANDS = {
     "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }
 RESUMABLE = ("train", "infer")  # commands that pick up where an interrupted run stopped
+# What an unknown task name's error adds: the registered names, and how a task of one's own gets registered.
+UNKNOWN_TASK_HINT = "see `t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md"
 
 
 def error_line(command: str, error: BaseException) -> str:

@@ -288,7 +288,7 @@ def evaluate(task_names: Sequence[str], output_dir: str, checkpoint: Optional[st
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     missing = [name for name in task_names if name not in known]
     if missing:
-        raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} (see `t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)")
+        raise ValueError(f"--tasks: no task named {', '.join(map(repr, missing))} ({cli.UNKNOWN_TASK_HINT})")
     if fewshot_k:
         untemplated = [name for name in task_names if name not in fewshot.TEMPLATES]
         if untemplated:

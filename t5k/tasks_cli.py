@@ -74,13 +74,13 @@ def _show(args) -> int:
     import seqio
 
     import t5k_tasks
-    from t5k.cli import error_line
+    from t5k.cli import UNKNOWN_TASK_HINT, error_line
     from t5k_tasks import corpora
 
     try:
         provider = seqio.get_mixture_or_task(args.name)
     except ValueError:
-        print(f"t5k tasks: unknown task or mixture {args.name!r} (see `t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)", file=sys.stderr)
+        print(f"t5k tasks: unknown task or mixture {args.name!r} ({UNKNOWN_TASK_HINT})", file=sys.stderr)
         return 2
     lengths = {"inputs": args.inputs, "targets": args.targets}
     try:
@@ -93,7 +93,8 @@ def _show(args) -> int:
         for shown, ex in enumerate(ds.take(args.n).as_numpy_iterator(), start=1):
             _print_example(shown - 1, ex, provider.output_features, args.json, trims)
         if not shown:
-            raise ValueError(f"{args.name} has no {args.split!r} examples from example {args.step * args.batch_size} on")
+            start = args.step * args.batch_size
+            raise ValueError(f"{args.name} has no {args.split!r} examples from example {start} on")
     except (ValueError, corpora.DataMissingError) as e:  # bad split or argument; data not on this machine
         print(error_line("tasks", e), file=sys.stderr)
         return 2

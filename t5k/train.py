@@ -87,8 +87,8 @@ def train(
     from t5k_tasks import pipeline  # registers the seqio tasks and mixtures
 
     if mixture_or_task_name not in _registered_names():
-        raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r} (see "
-                         f"`t5k tasks list`; a task of your own: `import` its module in a gin file, docs/tasks.md)")
+        raise ValueError(f"train.mixture_or_task_name: no task or mixture named {mixture_or_task_name!r} "
+                         f"({cli.UNKNOWN_TASK_HINT})")
     task_features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
     task_vocabulary = task_features["targets"].vocabulary
     vocab.check_tasks_follow_gin(task_vocabulary, f"task {mixture_or_task_name!r}")
