@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import gin
 import numpy as np
 
-from t5k import cli, decoding, fewshot, gin_utils, infer, model_loading, partitioning, scoring, vocab
+from t5k import cli, decoding, fewshot, files, gin_utils, infer, model_loading, partitioning, scoring, vocab
 
 DEFAULT_LENGTHS = {"inputs": 512, "targets": 128}
 
@@ -229,19 +229,6 @@ def generate_from_ids(loaded, config, inputs: List[List[int]], seeds: List[int],
 # ------------------------------------------------------------------------------------------------ reports
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """`text` to `path` through `path.tmp` and a rename; a failed write (a full disk) leaves no tmp behind."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def markdown_table(results: Sequence[TaskResult], source: str, split: str) -> str:
     lines = [f"Evaluation of `{source}` on split `{split}`.", "",
              "| task | method | examples | metric | value |", "|---|---|---:|---|---:|"]
@@ -264,9 +251,9 @@ def write_reports(output_dir: str, results: Sequence[TaskResult], source: str, v
     if results:
         newest = results[-1]
         rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in newest.rows)
-        _atomic_write(os.path.join(output_dir, "predictions", f"{newest.task}.jsonl"), rows)
-    _atomic_write(os.path.join(output_dir, "results.md"), markdown_table(results, source, split))
-    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+        files.write_text(os.path.join(output_dir, "predictions", f"{newest.task}.jsonl"), rows)
+    files.write_text(os.path.join(output_dir, "results.md"), markdown_table(results, source, split))
+    files.write_text(os.path.join(output_dir, "results.json"), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
 
 
 @gin.configurable(denylist=["task_names", "output_dir", "checkpoint", "step", "num_devices", "split"])

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import seqio
 
-from t5k import vocab
+from t5k import files, vocab
 from t5k.checkpoints import CheckpointMismatchError
 
 VOCABULARY_FILE = "vocabulary.json"
@@ -65,10 +65,7 @@ def read(path: str) -> dict:
 
 def _write(directory: str, name: str, record: dict) -> None:
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, os.path.join(directory, name))
+    files.write_text(os.path.join(directory, name), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 def write(directory: str, vocabulary: seqio.Vocabulary, model) -> None:

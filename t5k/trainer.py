@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5k import feature_converters, gin_utils, losses, partitioning
+from t5k import feature_converters, files, gin_utils, losses, partitioning
 from t5k.models import EncoderDecoder, dummy_inputs
 from t5k.models import abstract_params as abstract_boxed_params
 
@@ -304,12 +304,9 @@ class MetricsWriter:
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.jsonl_path):
             return
-        with open(self.jsonl_path) as f:
+        with open(self.jsonl_path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        files.write_text(self.jsonl_path, "".join(kept))
 
     def write(self, step: int, scalars: Dict[str, float]) -> None:
         with open(self.jsonl_path, "a") as f:

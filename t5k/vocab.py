@@ -33,7 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5k import morph
+from t5k import files, morph
 
 _log = logging.getLogger(__name__)
 
@@ -671,10 +671,7 @@ def train(inputs: Sequence[Union[str, Path]], vocab_size: int, variant: str, out
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
-    """meta.json written to a temp file and renamed into place."""
-    tmp = directory / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / "meta.json")
+    files.write_text(directory / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_lexicon(directory: Path, inputs: Sequence[Union[str, Path]], min_count: int,

@@ -131,7 +131,7 @@ def test_unknown_task_is_one_clear_error(setup, capsys):
 def test_unwritable_output_fails_first_in_one_line_and_reports_leave_no_tmp(setup, tmp_path, capsys, monkeypatch):
     """--output_dir under a file: one line, before any model is loaded. A report whose write fails (a full disk;
     here text no UTF-8 file holds) leaves neither its tmp file nor a half-written report."""
-    from t5k import evaluation, model_loading
+    from t5k import files, model_loading
 
     root, _, _ = setup
     gin.clear_config()
@@ -142,7 +142,7 @@ def test_unwritable_output_fails_first_in_one_line_and_reports_leave_no_tmp(setu
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("t5k eval: ") and "a_file" in err[0], err
     with pytest.raises(UnicodeEncodeError):
-        evaluation._atomic_write(str(tmp_path / "results.md"), "ok \ud800")
+        files.write_text(str(tmp_path / "results.md"), "ok \ud800")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
