@@ -4,6 +4,7 @@
   python bench/decode.py --quick               # tiny model and shapes: a smoke run of every code path
   python bench/decode.py --runs 5 --cases t5k_fp32,torch_ftz
   python bench/decode.py --runs 3 --rounds 2    # the cases twice, forward then backward (cancels drift)
+  python bench/decode.py --device gpu           # both frameworks on the GPU (docs/decoding.md: "On a GPU")
 
 Cases (each in its own subprocess, so thread pools and denormal modes never leak between them):
 
@@ -23,6 +24,12 @@ of a case: this machine's speed drifts over minutes, and a case measured only at
 measured only at its end would carry that drift into their ratio. tokens/s counts new
 tokens: batch * new / time. "cpu s" is the process CPU time of a call (all threads). The last line of output is
 one JSON object with every figure, including t5k / PyTorch ratios against both PyTorch configurations.
+
+`--device gpu` runs every case on the first GPU: JAX's CUDA backend and `model.to("cuda")`, each timed call ended
+by a device synchronisation (`block_until_ready` / `torch.cuda.synchronize`). A worker that finds no GPU fails
+rather than timing the CPU. `--device cpu` (the default) hides any GPU from JAX (`JAX_PLATFORMS=cpu`) and never
+moves PyTorch off the CPU, so the CPU figures mean the same on a machine that has one. The flush-denormal setting
+of the `torch_ftz*` cases only changes CPU arithmetic; on a GPU they are PyTorch's default configuration.
 """
 
 import argparse
@@ -86,10 +93,30 @@ def worker_init(args):
     from t5k import convert
     from t5k.models import EncoderDecoder
 
+    _check_jax_device(args)
     config = t5k_config(args, "float32")
     dummy = jnp.ones((1, 8), jnp.int32)
     params = jax.jit(lambda r: nn.unbox(EncoderDecoder(config).init(r, dummy, dummy)["params"]))(jax.random.PRNGKey(0))
     return {"num_params": convert.save_params_npz(params, args.params_file)}
+
+
+def _check_jax_device(args):
+    """The JAX backend the case runs on; an error when `--device gpu` finds no GPU (it must not time the CPU)."""
+    import jax
+
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--device gpu: JAX's backend is {jax.default_backend()!r} (no CUDA jaxlib plugin or GPU)")
+    return jax.devices()[0].device_kind
+
+
+def _torch_device(args):
+    import torch
+
+    if args.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device gpu: torch.cuda.is_available() is False")
+    return torch.device("cuda")
 
 
 def worker_t5k(args):
@@ -105,7 +132,7 @@ def worker_t5k(args):
     params = decoding.params_for_decoding(model, jax.device_put(convert.load_params_npz(args.params_file)))
     batch = {"encoder_input_tokens": _inputs(args, config.vocab_size)}
     seeds = np.arange(args.batch, dtype=np.uint32)
-    out = {"dtype": config.dtype, "scan_layers": config.scan_layers}
+    out = {"dtype": config.dtype, "scan_layers": config.scan_layers, "device": _check_jax_device(args)}
     for method in METHODS:
         decode_config = decoding.DecodeConfig(
             method="greedy" if method == "greedy" else "sample", top_p=TOP_P, max_new_tokens=args.new,
@@ -148,18 +175,24 @@ def worker_torch(args):
     model.eval()
     if args.case.endswith("bf16"):
         model = model.to(torch.bfloat16)
-    enc = torch.from_numpy(_inputs(args, config.vocab_size)).long()
+    device = _torch_device(args)
+    model = model.to(device)
+    enc = torch.from_numpy(_inputs(args, config.vocab_size)).long().to(device)
     mask = torch.ones_like(enc)
     out = {"threads": torch.get_num_threads(), "flush_denormal": args.case.startswith("torch_ftz"),
-           "dtype": "bfloat16" if args.case.endswith("bf16") else "float32"}
+           "dtype": "bfloat16" if args.case.endswith("bf16") else "float32",
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     for method in METHODS:
         kwargs = dict(do_sample=False) if method == "greedy" else dict(do_sample=True, top_p=TOP_P, top_k=0)
 
         def call():
-            return model.generate(input_ids=enc, attention_mask=mask, max_new_tokens=args.new,
-                                  min_new_tokens=args.new, num_beams=1, **kwargs)
+            tokens = model.generate(input_ids=enc, attention_mask=mask, max_new_tokens=args.new,
+                                    min_new_tokens=args.new, num_beams=1, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # generate returns once its kernels are queued, not done
+            return tokens
 
-        tokens = call()[:, 1:].numpy()
+        tokens = call()[:, 1:].cpu().numpy()
         assert tokens.shape == (args.batch, args.new)
         if method == "greedy":
             out["greedy_tokens"] = tokens.tolist()
@@ -182,8 +215,11 @@ def pool_rounds(rounds):
 
 def run_worker(case, args, params_file):
     cmd = [sys.executable, __file__, "--worker", case, "--params-file", params_file, "--batch", str(args.batch),
-           "--inputs", str(args.inputs), "--new", str(args.new), "--runs", str(args.runs)] + ["--quick"] * args.quick
+           "--inputs", str(args.inputs), "--new", str(args.new), "--runs", str(args.runs),
+           "--device", args.device] + ["--quick"] * args.quick
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if args.device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
@@ -205,6 +241,7 @@ def main(argv=None):
                    help="run the cases this many times, alternating forward and backward order; medians pool all rounds")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {ALL_CASES}")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (smoke run)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where every case runs (see above)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--params-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -252,9 +289,10 @@ def main(argv=None):
         first, *rest = greedy.values()
         agree = min(sum(a == b for ra, rb in zip(first, other) for a, b in zip(ra, rb)) / new_tokens for other in rest)
 
+    devices = {case: r["device"] for case, r in results.items()}
     print(f"ct5_small{' (QUICK shapes)' if args.quick else ''}: {info['num_params'] / 1e6:.1f}M params; batch "
           f"{args.batch}, inputs {args.inputs}, {args.new} new tokens per row; load average {load_before[0]:.2f} "
-          f"before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
+          f"before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs); devices {sorted(set(devices.values()))}")
     header = f"{'case':<16}{'method':<8}{'s/call':>9}{'cpu s':>8}{'new tok/s':>11}{'vs ftz':>8}{'vs dflt':>8}"
     print(header)
     print("-" * len(header))
@@ -276,7 +314,7 @@ def main(argv=None):
     record = dict(
         benchmark="decode", quick=args.quick, batch=args.batch, inputs=args.inputs, new_tokens=args.new,
         runs=args.runs, rounds=args.rounds, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
-        load_avg_after=load_after[0], cpus=os.cpu_count(), results=summary, greedy_token_agreement=agree,
+        load_avg_after=load_after[0], cpus=os.cpu_count(), device=args.device, devices=devices, results=summary, greedy_token_agreement=agree,
         best_t5k_vs_torch_ftz=vs_ftz, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
     )
     print(json.dumps(record))
