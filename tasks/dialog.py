@@ -22,6 +22,7 @@ Downstream (text to text, split by session id; metrics BLEU + ROUGE):
   Korean dialog-to-summary pairs here) |
 """
 
+import functools
 import zlib
 from typing import List
 
@@ -50,13 +51,24 @@ def speaker_tags(output_features) -> List[List[int]]:
     return [output_features["targets"].vocabulary.encode(t) for t in TAG_TEXT]
 
 
+def _fit(dataset, sequence_length, output_features, features=("inputs",)):
+    """Sessions longer than the smallest of `features`' lengths (less EOS) cut into whole-turn windows that fit
+    (`split_long_sessions`), so seqio never trims an objective's output; without lengths, sessions pass whole."""
+    lengths = [(sequence_length or {}).get(f) for f in features]
+    if None in lengths:
+        return dataset
+    return dialog_objectives.split_long_sessions(dataset, min(lengths) - 1, speaker_tags(output_features))
+
+
 def _objective(dataset, sequence_length, output_features, seed: int = 0, **kwargs):
     return dialog_objectives.dialog_objective(dataset, sequence_length, output_features, seed=seed,
                                               speaker_tags=speaker_tags(output_features), **kwargs)
 
 
-def register_objective(name: str, objective, expand_prefixes: bool = False, rate_fn=None):
-    steps = [_prefixes] if expand_prefixes else []
+def register_objective(name: str, objective, expand_prefixes: bool = False, rate_fn=None, fit=("inputs",)):
+    """`fit`: the features whose lengths a rendered session must fit (the targets too when they hold the whole
+    session)."""
+    steps = [functools.partial(_fit, features=fit)] + ([_prefixes] if expand_prefixes else [])
     steps += [index_examples,
               seeded(_objective, salt=name, objective=objective, rate_fn=rate_fn),
               seqio.preprocessors.append_eos_after_trim]
@@ -65,7 +77,7 @@ def register_objective(name: str, objective, expand_prefixes: bool = False, rate
 
 
 register_objective("ko_dialog_next_utterance", dialog_objectives.next_utterance, expand_prefixes=True)
-register_objective("ko_dialog_utterance_order", dialog_objectives.utterance_order)
+register_objective("ko_dialog_utterance_order", dialog_objectives.utterance_order, fit=("inputs", "targets"))
 register_objective("ko_dialog_single_masking", dialog_objectives.single_utterance_masking)
 register_objective("ko_dialog_multiple_masking", dialog_objectives.multiple_utterance_masking)
 register_objective("ko_dialog_partial_masking", dialog_objectives.partial_utterance_masking)

@@ -221,6 +221,92 @@ def test_more_spans_than_sentinels_fails_the_dialog_pipeline():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sessions longer than the lengths: whole-turn windows
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _turn_lists(turn_tokens, speakers):
+    return [(int(s), tuple(int(t) for t in turn if t != -1)) for s, turn in zip(speakers, turn_tokens) if s != -1]
+
+
+def windows_of(max_length, n=600):
+    """(original turns, [window turns], counts) per session: `split_long_sessions` over n random sessions."""
+    sessions = tf.data.Dataset.zip(tf.data.Dataset.range(n), session_source(n)).map(lambda i, s: {**s, "session_id": i})
+    counter = dn.DropCounter()
+    split = dl.split_long_sessions(sessions, max_length, TAGS, counter)
+    dense = lambda ds: ds.map(lambda s: {"id": s["session_id"], "turns": s["turn_tokens"].to_tensor(-1),  # noqa: E731
+                                         "speakers": s["speakers"]})
+    by_id = {}
+    for s in dense(split).as_numpy_iterator():
+        by_id.setdefault(int(s["id"]), []).append(_turn_lists(s["turns"], s["speakers"]))
+    originals_ = [_turn_lists(s["turns"], s["speakers"]) for s in dense(sessions).as_numpy_iterator()]
+    return [(turns, by_id[i]) for i, turns in enumerate(originals_)], counter.counts()
+
+
+def rendered_length(turns):
+    return sum(len(TAGS[s]) + len(u) for s, u in turns)
+
+
+@pytest.mark.parametrize("max_length", [20, 45, 1000])
+def test_long_sessions_become_greedy_whole_turn_windows_that_fit(max_length):
+    """Each window fits; the windows of a session are its turns in order, less the turns too long for any window;
+    windows are greedy (a window's first turn did not fit the window before it); a session that fits is unchanged
+    (speaker numbering included); the counts say how many sessions were cut and turns removed."""
+    sessions, counts = windows_of(max_length)
+    cut = dropped = 0
+    for turns, windows in sessions:
+        fitting = [t for t in turns if len(TAGS[t[0]]) + len(t[1]) <= max_length]
+        dropped += len(turns) - len(fitting)
+        assert [t for w in windows for t in w] == fitting
+        assert all(rendered_length(w) <= max_length for w in windows)
+        if rendered_length(turns) <= max_length:
+            assert windows == [turns]
+        cut += len(windows) > 1
+        for before, after in zip(windows, windows[1:]):
+            between_dropped = turns.index(after[0]) != turns.index(before[-1]) + 1
+            assert between_dropped or rendered_length(before + after[:1]) > max_length
+    assert counts == {"session_split": cut, "turn_too_long": dropped}
+    if max_length == 1000:
+        assert cut == dropped == 0
+    else:
+        assert cut > 50 and (dropped > 50) == (max_length == 20)
+
+
+def test_window_ids_worked_example():
+    assert dl._window_ids(tf.constant([4, 3, 2, 9, 5, 5]), 8).numpy().tolist() == [0, 0, 1, -1, 2, 3]
+    assert dl._window_ids(tf.constant([], tf.int64), 8).numpy().tolist() == []
+    with pytest.raises(ValueError, match="max_length = 0"):
+        dl.split_long_sessions(session_source(1), 0, TAGS)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_windows_keep_every_objective_within_the_length(objective):
+    """Windowed sessions through each objective: inputs and targets fit `max_length` (so seqio trims nothing) and the
+    window is recovered exactly from them; sessions with no window of two turns are dropped and counted."""
+    max_length, n = 40, 400
+    counter = dn.DropCounter()
+    split = dl.split_long_sessions(session_source(n), max_length, TAGS, counter)
+    windows = [r for r in split.map(lambda s: {"rendered": dl.render(s["turn_tokens"], s["speakers"],
+                                                                     dl.speaker_tags_tensor(TAGS))[0],
+                                               "turns": tf.size(s["speakers"])}).as_numpy_iterator()
+               if r["turns"] >= 2]
+    ds = dl.dialog_objective(split, None, OUTPUT_FEATURES, objective=objective, speaker_tags=TAGS, seed=3,
+                             counter=counter)
+    examples = collect(ds)
+    assert len(examples) == len(windows) > n
+    assert counter.counts()["too_few_turns"] > 0
+    for ex, window in zip(examples, windows):
+        orig = window["rendered"]
+        assert len(ex["inputs"]) <= max_length and len(orig) <= max_length
+        if objective is dl.next_utterance:
+            assert_equal(np.concatenate([ex["inputs"], ex["targets"]]), orig)
+        elif objective is dl.utterance_order:
+            assert_equal(ex["targets"], orig)
+        else:
+            assert_equal(merge_sentinels(ex["inputs"], ex["targets"]), orig)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Curriculum, determinism, resume
 # ----------------------------------------------------------------------------------------------------------
 

@@ -496,6 +496,30 @@ def test_embedded_tasks_produce_examples(name):
     assert 1 < len(ex["inputs"]) <= 128 and 1 < len(ex["targets"]) <= 32
 
 
+@pytest.mark.parametrize("name", ["ko_dialog_utterance_order", "ko_dialog_single_masking",
+                                  "ko_dialog_multiple_masking", "ko_dialog_partial_masking"])
+def test_dialog_sessions_longer_than_the_lengths_are_windowed_not_trimmed(name):
+    """With 96 inputs most validation sessions (up to 389 tokens) are longer than the inputs. seqio used to trim
+    them from the end: the inputs lost trailing sentinels that the targets still filled, and shuffled turns no
+    longer matched the targets' turns. Whole-turn windows that fit keep every example consistent, and no example is
+    cut. (Targets of 192 hold every masking target here; order reconstruction's windows fit the smaller length.)"""
+    eos = 1
+    vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    sentinels = lambda ids: [i for i in ids if i >= vocab.vocab_size - vocab.extra_ids]  # noqa: E731
+    examples = list(t5k_tasks.get_dataset(name, {"inputs": 96, "targets": 192}, split="validation").as_numpy_iterator())
+    assert len(examples) > 46  # the 46 sessions, cut into more windows
+    for ex in examples:
+        inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
+        assert inputs[-1] == eos and eos not in inputs[:-1] and targets[-1] == eos and eos not in targets[:-1]
+        if name == "ko_dialog_utterance_order":
+            assert sorted(inputs) == sorted(targets)  # the same turns, shuffled
+        else:
+            # Every span of the targets has its sentinel in the inputs, in order (the targets close with one more
+            # sentinel unless the session ends inside a span).
+            masked, filled = sentinels(inputs), sentinels(targets)
+            assert masked == filled[:len(masked)] and len(filled) - len(masked) in (0, 1)
+
+
 def _perfect_score(name):
     task = seqio.get_mixture_or_task(name)
     ds = t5k_tasks.get_dataset(name, {"inputs": 512, "targets": 64}, split="validation")

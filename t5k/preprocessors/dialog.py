@@ -105,6 +105,91 @@ def clean_sessions(dataset: tf.data.Dataset, num_speaker_tags: int, counter: Opt
         dataset, lambda ex: tf.reduce_max(ex["speakers"]) < num_speaker_tags, "too_many_speakers", counter)
 
 
+def _window_ids(lengths: tf.Tensor, max_length: int) -> tf.Tensor:
+    """Greedy windows of consecutive turns: int64 [turns], the window of each turn, -1 for a turn that fits none.
+
+    A turn joins the current window while the window's total stays <= max_length, else it opens the next one. A turn
+    longer than max_length on its own gets -1 and closes the window before it. Window ids run 0, 1, ... without gaps.
+
+    lengths [4, 3, 2, 9, 5, 5], max_length 8 -> [0, 0, 1, -1, 2, 3]
+    """
+    lengths = tf.cast(lengths, tf.int64)
+    full = tf.constant(max_length + 1, tf.int64)  # "used" of a window that takes nothing more
+
+    def step(state, length):
+        window, used = state[0], state[1]
+        opens = used + length > max_length
+        next_window = window + tf.cast(opens, tf.int64)
+        next_used = tf.where(opens, length, used + length)
+        fits = length <= max_length
+        new_state = tf.where(fits, tf.stack([next_window, next_used]), tf.stack([window, full]))
+        output = tf.where(fits, next_window, tf.constant(-1, tf.int64))
+        return new_state, output
+
+    initial = (tf.stack([tf.constant(-1, tf.int64), full]), tf.constant(0, tf.int64))
+    _, ids = tf.scan(lambda carry, length: step(carry[0], length), lengths, initializer=initial)
+    return ids
+
+
+def split_long_sessions(dataset: tf.data.Dataset, max_length: int, speaker_tags: Sequence[Sequence[int]],
+                        counter: Optional[DropCounter] = None) -> tf.data.Dataset:
+    """Cuts every session whose rendered length (tags + utterances, see `render`) exceeds `max_length` into
+    windows of consecutive whole turns that each fit, so that no objective's output is trimmed by seqio.
+
+    Why: seqio trims a feature longer than its length from the end. For a session longer than the inputs, that
+    drops the session's last turns from the inputs but not from the targets: partial masking loses trailing
+    sentinels whose spans the targets still hold, and order reconstruction has targets that are not the inputs'
+    turns. Whole-turn windows keep every example exactly recoverable. Masking objectives write one sentinel per
+    masked span (at least one token), so their inputs never exceed the rendered window; pass the smaller of the
+    inputs and targets lengths, less one for EOS, for objectives whose targets hold the whole session (order
+    reconstruction).
+
+    Windows are greedy from the first turn (a turn opens a new window when it would not fit the current one) and
+    keep the session's speaker numbering, so each renders exactly as its stretch of the whole session. A session
+    that fits passes unchanged. A turn longer than `max_length` on its own fits no window: it is removed and
+    counted ("turn_too_long"); each session cut into several windows is counted once ("session_split"). Windows
+    left with fewer than two turns are dropped later by `clean_sessions` ("too_few_turns"). Apply before the
+    example index is attached (`add_example_index`, `session_prefixes`), so that each window is an example of
+    its own, with its own index and seed.
+
+    speaker tags [[3, 4], [5, 4]], turns [[11 12 13] [14] [15 16 17 18] [19]], speakers [0 1 0 1], max_length 9
+      rendered lengths [5, 3, 6, 3] -> windows turns [[11 12 13] [14]], speakers [0 1]
+                                      and turns [[15 16 17 18] [19]], speakers [0 1]
+    """
+    if max_length < 1:
+        raise ValueError(f"split_long_sessions: max_length = {max_length}; expected >= 1")
+    tag_lengths = tf.constant([len(tag) for tag in speaker_tags], tf.int64)
+    last_tag = len(speaker_tags) - 1
+    split_sessions = counter.variable("session_split") if counter is not None else None
+    long_turns = counter.variable("turn_too_long") if counter is not None else None
+
+    def windows(features):
+        """One session -> its windows as a batch: turn_tokens ragged [windows, (turns), (tokens)], speakers ragged
+        [windows, (turns)], every other feature repeated per window (unbatched below)."""
+        turn_tokens, speakers = features["turn_tokens"], features["speakers"]
+        # A speaker beyond the tags is dropped later ("too_many_speakers"); the last tag's length stands in.
+        lengths = tf.cast(turn_tokens.row_lengths(), tf.int64) + tf.gather(tag_lengths, tf.minimum(speakers, last_tag))
+        ids = tf.cond(tf.reduce_sum(lengths) <= max_length,  # nearly every session: one window, no scan
+                      lambda: tf.zeros_like(lengths), lambda: _window_ids(lengths, max_length))  # [turns]
+        # At least one window: a session with no turn that fits goes on empty, to be counted by `clean_sessions`.
+        num_windows = tf.maximum(tf.reduce_max(tf.concat([ids, [-1]], 0)) + 1, 1)
+        kept = ids >= 0
+        turns_per_window = tf.math.bincount(tf.boolean_mask(ids, kept), minlength=num_windows, dtype=tf.int64)
+        updates = []
+        if counter is not None:
+            updates = [split_sessions.assign_add(tf.cast(num_windows > 1, tf.int64)),
+                       long_turns.assign_add(tf.reduce_sum(tf.cast(tf.logical_not(kept), tf.int64)))]
+        with tf.control_dependencies(updates):
+            turns_per_window = tf.identity(turns_per_window)
+        out = {k: tf.repeat(v[None], num_windows, axis=0) for k, v in features.items() if k not in SESSION_KEYS}
+        out["turn_tokens"] = tf.RaggedTensor.from_row_lengths(
+            tf.ragged.boolean_mask(turn_tokens.with_row_splits_dtype(tf.int64), kept), turns_per_window)
+        out["speakers"] = tf.RaggedTensor.from_row_lengths(tf.boolean_mask(speakers, kept), turns_per_window)
+        return out
+
+    return dataset.map(plain_graph(windows), num_parallel_calls=AUTOTUNE).unbatch()
+
+
 def session_prefixes(dataset: tf.data.Dataset, min_turns: int = 2) -> tf.data.Dataset:
     """Expands each session into its prefixes of min_turns .. all turns (so next utterance prediction, which
     predicts the last turn, trains on every position). Apply before `add_example_index`."""
