@@ -6,6 +6,10 @@
 The export puts every 20th line of each source into held-out files (news, reviews, dialogue) and the rest into
 train.txt, so the shipped vocabulary never saw the benchmark's text. The benchmark compares the shipped
 morph_bbpe vocabulary with any others given (train them on the same train.txt: `--vocabs` takes their dirs).
+
+Timed encoding runs in fresh processes. One process keeps Kiwi's default worker threads (one per core); the
+processes of a multi-process case, one per core, each analyse in their own thread (T5K_KIWI_THREADS=0, see
+`t5k.morph.analyser_threads`), as any process pool covering the cores should be configured.
 """
 
 import argparse
@@ -146,6 +150,15 @@ def _worker(args):
     return _time_encode(v, lines, *batch), _time_encode(v, lines, *batch)
 
 
+def _analyse_in_the_calling_thread():
+    os.environ["T5K_KIWI_THREADS"] = "0"
+
+
+def _pool(n):
+    """n fresh processes; with n > 1 (one per core) each analyses in its own thread, without Kiwi workers."""
+    return mp.get_context("spawn").Pool(n, initializer=_analyse_in_the_calling_thread if n > 1 else None)
+
+
 def throughput(path, lines, prime, procs):
     """MB/s and tokens/s over `lines` (split across n processes, one per core), in these cache states:
 
@@ -165,7 +178,7 @@ def throughput(path, lines, prime, procs):
                                                  ("primed", True, prime)):
             if phase == "cold_nolex" and not _has_lexicon(path):
                 continue
-            with mp.get_context("spawn").Pool(n) as pool:
+            with _pool(n) as pool:
                 phases[phase] = pool.map(_worker, [(path, use_lexicon, prime_lines, c) for c in chunks])
         phases = {name: [r[0] for r in res] for name, res in phases.items()} | {
             "warm": [r[1] for r in phases["primed"]]}
@@ -198,7 +211,7 @@ def stream_throughput(path, lines, procs):
     256 lines), empty caches over the saved lexicon, the whole stream timed. Between `cold` (the first 0.3 MB of new text) and
     `primed`: the in-process caches fill as the stream goes, as when a researcher tokenizes a corpus of their own."""
     n_bytes = sum(len(l.encode()) + 1 for l in lines)
-    with mp.get_context("spawn").Pool(procs) as pool:
+    with _pool(procs) as pool:
         res = [r[0] for r in pool.map(_worker, [(path, True, [], lines[i::procs], 256) for i in range(procs)])]
     wall, cpu, tokens = max(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res)
     return {"MB": round(n_bytes / 1e6, 3), "procs": procs, "MB_per_s": round(n_bytes / wall / 1e6, 3),
@@ -350,6 +363,7 @@ def main(argv=None):
     stream = new_review_stream(args.stream_mb)
     result = {"analysers": analysers(), "cache_context_agreement": cache_agreement(held["news"][:150]),
               "heldout_lines": {c: len(ls) for c, ls in held.items()},
+              "kiwi_threads_per_process": {"1proc": "one per core", f"{args.procs}proc": 0},
               "throughput_text": {"lines": len(mixed), "MB": round(sum(len(l.encode()) + 1 for l in mixed) / 1e6, 3),
                                   "prime_MB": round(sum(len(l.encode()) + 1 for l in prime) / 1e6, 3)},
               "piece_hit_rate": piece_hit_rates(mixed, {f"prime_{args.prime_mb}MB": prime, "train_all": train_lines}),

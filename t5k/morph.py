@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -51,13 +52,40 @@ class LexiconError(ValueError):
     """A lexicon file that cannot be read; the message names the file and line."""
 
 
+ANALYSER_THREADS_ENV = "T5K_KIWI_THREADS"
+
+
+@functools.cache
+def analyser_threads() -> int:
+    """Kiwi's worker threads in this process, from the environment variable T5K_KIWI_THREADS (read once).
+
+    -1 (default): one worker per core, so a process tokenizing alone (the tf.data input pipeline, `t5k vocab`)
+    analyses a batch of runs on every core. 0: no workers, each run is analysed in the calling thread. Use 0 in the
+    workers of a process pool that already covers the cores (`bench/vocab.py`'s 2-process cases): one pool of
+    Kiwi threads per process would put two threads on every core, and handing each batch to them and back costs
+    ~8% of a new-text stream's throughput on 2 cores. Kiwi holds the GIL while it analyses, so 0 gives a process
+    one core whatever its Python threads do. The cuts are the same either way.
+    """
+    value = os.environ.get(ANALYSER_THREADS_ENV, "-1")
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = -2
+    if threads < -1:
+        raise ValueError(f"{ANALYSER_THREADS_ENV}={value!r}: expected -1 (one Kiwi worker per core), 0 (the "
+                         f"calling thread) or a number of workers")
+    return threads
+
+
 @functools.cache
 def _kiwi():
     """The Kiwi analyser, loaded once per process (it takes ~2 s and ~0.5 GB)."""
     from kiwipiepy import Kiwi
 
-    with _kiwi_lock:
-        return Kiwi(num_workers=-1)
+    with _kiwi_lock, warnings.catch_warnings():
+        # kiwipiepy >= 0.21 warns that 0 no longer means "every core"; 0 (no workers) is what is asked for here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Kiwi(num_workers=analyser_threads())
 
 
 @functools.cache
@@ -92,11 +120,14 @@ def is_analysed(run: str) -> bool:
 
 
 def _tokenize_runs(runs: Sequence[str]) -> list:
-    """Kiwi's tokens for each run, each run analysed on its own, in one (multi-threaded) Kiwi batch."""
+    """Kiwi's tokens for each run, each run analysed on its own: in one batch for Kiwi's worker threads, or one
+    call per run in this thread when it has none (`analyser_threads() == 0`; its batch call needs workers)."""
     if not runs:
         return []
     kiwi = _kiwi()
-    return kiwi.tokenize(runs) if len(runs) > 1 else [kiwi.tokenize(runs[0])]
+    if len(runs) == 1 or analyser_threads() == 0:
+        return [kiwi.tokenize(run) for run in runs]
+    return kiwi.tokenize(runs)
 
 
 def analyse_runs(runs: Sequence[str]) -> Dict[str, tuple]:

@@ -49,6 +49,39 @@ def test_encode_with_lexicon_equals_live_analysis_on_held_out_text():
     assert live._splitter.lexicon_entries() == {}
 
 
+def test_analysing_in_the_calling_thread_gives_the_same_ids():
+    """T5K_KIWI_THREADS=0 (process pools: each process analyses in its own thread) changes where Kiwi runs, never
+    the cuts: a fresh process with it encodes held-out text to the same ids, lexicon off so every run is analysed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    lines = _held_out_lines(120)
+    script = ("import json, sys\nfrom t5k import morph, vocab\n"
+              "v = vocab.BPEVocabulary(vocab.DEFAULT_DIR, use_lexicon=False)\n"
+              "print(json.dumps([morph.analyser_threads(), v.encode_batch(json.load(sys.stdin))]))\n")
+    env = dict(os.environ, T5K_KIWI_THREADS="0")
+    out = subprocess.run([sys.executable, "-c", script], input=json.dumps(lines), env=env, capture_output=True,
+                         text=True, check=True).stdout
+    threads, ids = json.loads(out.splitlines()[-1])
+    assert threads == 0 and morph.analyser_threads() == -1  # the test process keeps the default workers
+    assert ids == vocab.BPEVocabulary(vocab.DEFAULT_DIR, use_lexicon=False).encode_batch(lines)
+
+
+@pytest.mark.parametrize("value", ["none", "-2", "1.5"])
+def test_a_bad_analyser_thread_count_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("T5K_KIWI_THREADS", value)
+    morph.analyser_threads.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=f"T5K_KIWI_THREADS={value!r}: expected -1"):
+            morph.analyser_threads()
+    finally:
+        monkeypatch.delenv("T5K_KIWI_THREADS")
+        morph.analyser_threads.cache_clear()
+        assert morph.analyser_threads() == -1
+
+
 def test_write_read_round_trip_is_exact_and_deterministic(tmp_path):
     entries = {"마감이": (2,), "안돼서": (1,), "가": (), "AR이모지": (2, 4, 4), "옆부분이": (1, 3)}
     first = morph.write_lexicon(tmp_path / "a.tsv.gz", entries)
