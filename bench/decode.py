@@ -314,7 +314,8 @@ def main(argv=None):
     record = dict(
         benchmark="decode", quick=args.quick, batch=args.batch, inputs=args.inputs, new_tokens=args.new,
         runs=args.runs, rounds=args.rounds, top_p=TOP_P, num_params=info["num_params"], load_avg_before=load_before[0],
-        load_avg_after=load_after[0], cpus=os.cpu_count(), device=args.device, devices=devices, results=summary, greedy_token_agreement=agree,
+        load_avg_after=load_after[0], cpus=os.cpu_count(), device=args.device, devices=devices, results=summary,
+        greedy_token_agreement=agree,
         best_t5k_vs_torch_ftz=vs_ftz, best_t5k_vs_best_torch=best_vs_best, t5k_vs_torch_same_dtype=same_dtype,
     )
     print(json.dumps(record))
