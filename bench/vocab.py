@@ -164,7 +164,9 @@ def _init_pool_process(barrier, kiwi_threads):
     global _start_barrier
     _start_barrier = barrier
     if kiwi_threads is not None:
-        os.environ["T5K_KIWI_THREADS"] = kiwi_threads
+        from t5k import morph
+
+        os.environ[morph.ANALYSER_THREADS_ENV] = kiwi_threads
 
 
 def _pool(n):

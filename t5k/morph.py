@@ -70,8 +70,8 @@ def analyser_threads() -> int:
     try:
         threads = int(value)
     except ValueError:
-        threads = -2
-    if threads < -1:
+        threads = None
+    if threads is None or threads < -1:
         raise ValueError(f"{ANALYSER_THREADS_ENV}={value!r}: expected -1 (one Kiwi worker per core), 0 (the "
                          f"calling thread) or a number of workers")
     return threads

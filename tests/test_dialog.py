@@ -226,7 +226,7 @@ def test_more_spans_than_sentinels_fails_the_dialog_pipeline():
 
 
 def _turn_lists(turn_tokens, speakers):
-    return [(int(s), tuple(int(t) for t in turn if t != -1)) for s, turn in zip(speakers, turn_tokens) if s != -1]
+    return [(int(s), tuple(int(t) for t in turn if t != -1)) for s, turn in zip(speakers, turn_tokens)]
 
 
 def windows_of(max_length, n=600):
