@@ -37,6 +37,8 @@ from t5k_tasks.pipeline import T5kTask, index_examples, seeded
 from t5k_tasks.pretraining import OUTPUT_FEATURES, VOCAB
 
 TAG_TEXT = (" A: ", " B: ")
+RESPONSE_PREFIX, INFILLING_PREFIX = "대화 응답:", "대화 빈칸:"
+HIDDEN = "<extra_id_0>"  # the hidden utterance of an in-filling context
 SESSIONS = corpora.SessionSource(lambda: list(corpora.SESSION_FILES.values()), VOCAB, name="dialog")
 
 
@@ -99,7 +101,7 @@ def render(session: corpora.Session, upto: int = None, hide: int = None) -> str:
     tags = _speaker_tags(session)
     parts = []
     for k, (_, text) in enumerate(session.turns[:upto]):
-        parts.append(f"{tags[k]} {'<extra_id_0>' if k == hide else text}")
+        parts.append(f"{tags[k]} {HIDDEN if k == hide else text}")
     return " ".join(parts)
 
 
@@ -108,7 +110,7 @@ def response_records(split: str) -> List[dict]:
     for s in SESSIONS.sessions()[split]:
         tags = _speaker_tags(s)
         for k in range(1, len(s.turns)):
-            out.append({"inputs": f"대화 응답: {render(s, k)} {tags[k]}", "targets": s.turns[k][1]})
+            out.append({"inputs": f"{RESPONSE_PREFIX} {render(s, k)} {tags[k]}", "targets": s.turns[k][1]})
     return out
 
 
@@ -116,7 +118,7 @@ def infilling_records(split: str) -> List[dict]:
     out = []
     for s in SESSIONS.sessions()[split]:
         hide = zlib.crc32(s.id.encode()) % len(s.turns)
-        out.append({"inputs": f"대화 빈칸: {render(s, hide=hide)}", "targets": s.turns[hide][1]})
+        out.append({"inputs": f"{INFILLING_PREFIX} {render(s, hide=hide)}", "targets": s.turns[hide][1]})
     return out
 
 
@@ -133,9 +135,15 @@ def generation_metrics(targets, predictions):
     return {**metrics.bleu(targets, predictions, "char"), **metrics.rouge(targets, predictions)}
 
 
+def _fit_context(prefix: str, anchor=None):
+    """Long contexts cut at a speaker tag around what the target depends on (`dialog.fit_context`), not at the end."""
+    return functools.partial(dialog_objectives.fit_context, prefix=prefix, speaker_tags=TAG_TEXT, anchor=anchor)
+
+
 register_text("ko_dialog_response", response_records, text_postprocessor, [generation_metrics],
-              "dialog response generation: context + next tag -> utterance")
+              "dialog response generation: context + next tag -> utterance", fit=_fit_context(RESPONSE_PREFIX))
 register_text("ko_dialog_infilling", infilling_records, text_postprocessor, [generation_metrics],
-              "dialog in-filling: one utterance hidden -> that utterance")
+              "dialog in-filling: one utterance hidden -> that utterance",
+              fit=_fit_context(INFILLING_PREFIX, anchor=HIDDEN))
 register_text("ko_dialog_summarization", summarization_records, text_postprocessor, [generation_metrics],
               "dialog summarization proxy: XPersona session -> speaker B's persona")

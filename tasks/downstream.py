@@ -82,13 +82,17 @@ def sts_target(score: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def register(name: str, records_fn, postprocess_fn, metric_fns, description: str, splits=corpora.SPLITS):
+def register(name: str, records_fn, postprocess_fn, metric_fns, description: str, splits=corpora.SPLITS,
+             fit=None):
+    """`fit(dataset, sequence_length, output_features)`: a step after tokenization that cuts long features itself
+    (where seqio's cut at the end would lose what matters, e.g. a dialog context's latest turns)."""
     source = corpora.RecordSource(functools.partial(records_fn), splits=splits)
     TASKS[name] = description
     return seqio.TaskRegistry.add(
         name,
         source=source,
-        preprocessors=[tokenize_batched, index_examples, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=[tokenize_batched] + ([fit] if fit else []) + [
+            index_examples, seqio.preprocessors.append_eos_after_trim],
         output_features=OUTPUT_FEATURES,
         postprocess_fn=postprocess_fn,
         metric_fns=list(metric_fns),

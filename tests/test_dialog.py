@@ -307,6 +307,70 @@ def test_windows_keep_every_objective_within_the_length(objective):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Downstream contexts: cut at a speaker tag around the anchor
+# ----------------------------------------------------------------------------------------------------------
+
+PREFIX = [7, 8]  # a task prefix ("대화 응답:"); neither a tag nor an utterance id
+
+
+def reference_context_window(ids, max_length, keep_first, tags, anchor=None):
+    """`dl.context_window`'s rule on Python lists, one position at a time."""
+    if len(ids) <= max_length:
+        return ids
+    n, room = len(ids), max_length - keep_first
+    starts = [i for i in range(keep_first, n) if any(ids[i:i + len(tag)] == tag for tag in tags)]
+    last = n - 1 if anchor is None else anchor
+    earliest = n - room if anchor is None else min(max(last - room // 2, keep_first), n - room)
+    own_turn = max([i for i in starts if i <= last], default=keep_first)
+    later = [i for i in starts if earliest <= i < own_turn]
+    start = later[0] if later else earliest
+    return ids[:keep_first] + ids[start:start + room]
+
+
+def test_context_window_worked_examples():
+    ids = tf.constant([99, 99, 3, 4, 11, 12, 5, 4, 13, 3, 4], tf.int32)
+
+    def window(max_length, anchor=None):
+        return dl.context_window(ids, max_length, 2, TAGS, anchor).numpy().tolist()
+
+    assert window(8) == [99, 99, 5, 4, 13, 3, 4]  # whole turns: the last one and the next speaker's tag
+    assert window(6) == [99, 99, 4, 13, 3, 4]  # the last turn does not fit whole: its end is kept
+    assert window(7, anchor=4) == [99, 99, 3, 4, 11, 12, 5]
+    assert window(11) == ids.numpy().tolist()
+    assert dl.tag_starts(tf.constant([7, 3, 4, 9, 5, 4, 8]), TAGS).numpy().tolist() == [0, 1, 0, 0, 1, 0, 0]
+    with pytest.raises(ValueError, match="no room after the 2-id prefix"):
+        dl.context_window(ids, 2, 2, TAGS)
+
+
+@pytest.mark.parametrize("max_length", [12, 30, 60])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_context_window_keeps_the_anchor_and_matches_the_reference(max_length, anchored):
+    """Rendered random sessions behind a prefix, cut by `context_window`: the prefix stays, the rest is one
+    stretch of the context that holds the anchor (the context's end, or a turn's first utterance id), nothing is
+    longer than `max_length`, and the cut is the one the rule in plain Python gives."""
+    tags = dl.speaker_tags_tensor(TAGS)
+    cut = 0
+    sessions = session_source(150).map(
+        lambda s: dict(zip(("ids", "is_tag", "turn"), dl.render(s["turn_tokens"], s["speakers"], tags))))
+    for i, session in enumerate(sessions.as_numpy_iterator()):
+        ids = PREFIX + session["ids"].tolist()
+        anchor = None
+        if anchored:  # the first utterance id of a turn picked by the session id
+            turns = session["turn"]
+            hidden = i % (turns.max() + 1)
+            anchor = len(PREFIX) + int(np.flatnonzero((turns == hidden) & ~session["is_tag"])[0])
+        got = dl.context_window(tf.constant(ids, tf.int32), max_length, len(PREFIX), TAGS, anchor).numpy().tolist()
+        assert got == reference_context_window(ids, max_length, len(PREFIX), TAGS, anchor)
+        assert len(got) <= max_length and got[:len(PREFIX)] == PREFIX
+        body, kept = ids[len(PREFIX):], got[len(PREFIX):]
+        offset = next(k for k in range(len(body) - len(kept) + 1) if body[k:k + len(kept)] == kept)
+        held = len(body) - 1 if anchor is None else anchor - len(PREFIX)
+        assert offset <= held < offset + len(kept)
+        cut += len(got) < len(ids)
+    assert cut > 30
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Curriculum, determinism, resume
 # ----------------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import t5k_tasks
 from t5k import feature_converters
+from t5k.preprocessors import dialog as dialog_preprocessors
 from t5k_tasks import corpora, mixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -518,6 +519,45 @@ def test_dialog_sessions_longer_than_the_lengths_are_windowed_not_trimmed(name):
             # sentinel unless the session ends inside a span).
             masked, filled = sentinels(inputs), sentinels(targets)
             assert masked == filled[:len(masked)] and len(filled) - len(masked) in (0, 1)
+
+
+def _dialog_examples(name, inputs):
+    return list(t5k_tasks.get_dataset(name, {"inputs": inputs, "targets": 64}, split="validation").as_numpy_iterator())
+
+
+def test_dialog_response_contexts_keep_their_latest_turns():
+    """A context longer than the inputs keeps its prefix, its latest turns and the next speaker's tag it ends with
+    (seqio would cut its end), starting at a speaker tag unless the last turn alone is too long."""
+    vocab, eos = t5k_tasks.pretraining.VOCAB, 1
+    cut, full = _dialog_examples("ko_dialog_response", 64), _dialog_examples("ko_dialog_response", 4096)
+    assert len(cut) == len(full)
+    shortened = at_tag = 0
+    for short, whole in zip(cut, full):
+        text, context = vocab.decode(short["inputs"][:-1].tolist()), vocab.decode(whole["inputs"][:-1].tolist())
+        assert short["inputs"][-1] == eos and len(short["inputs"]) <= 64
+        assert short["targets"].tolist() == whole["targets"].tolist()
+        if len(whole["inputs"]) <= 64:
+            assert text == context
+            continue
+        shortened += 1
+        rest = text[len("대화 응답:"):]
+        assert text.startswith("대화 응답:") and context.endswith(rest) and rest.rstrip().endswith((" A:", " B:"))
+        at_tag += rest.startswith((" A: ", " B: "))
+    assert shortened >= 10 and at_tag >= 0.8 * shortened
+
+
+def test_dialog_infilling_contexts_keep_the_hidden_turn():
+    """Every in-filling context keeps its sentinel: the hidden turn lies past the 64th id in some full contexts,
+    where seqio's cut at the end dropped it and left a target with no gap to fill."""
+    sentinel = t5k_tasks.pretraining.VOCAB.encode("<extra_id_0>")[0]
+    cut, full = _dialog_examples("ko_dialog_infilling", 64), _dialog_examples("ko_dialog_infilling", 4096)
+    assert any(whole["inputs"].tolist().index(sentinel) >= 63 for whole in full)
+    for short, whole in zip(cut, full):
+        assert sentinel in short["inputs"].tolist() and len(short["inputs"]) <= 64
+        assert short["targets"].tolist() == whole["targets"].tolist()
+    with pytest.raises(ValueError, match="anchor '<extra_id_0><extra_id_1>' encodes to .* expected a single id"):
+        dialog_preprocessors.fit_context(None, {"inputs": 64}, t5k_tasks.pretraining.OUTPUT_FEATURES, "대화 빈칸:",
+                                         (" A: ", " B: "), anchor="<extra_id_0><extra_id_1>")
 
 
 def _perfect_score(name):

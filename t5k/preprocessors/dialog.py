@@ -20,6 +20,9 @@ spans that follow the same sentinels in the targets (or read the targets, for or
 at the tags. Randomness and the curriculum step come from `example_index` / `step` (see curriculum.py), so the
 determinism contract of denoise.py holds here too.
 
+The downstream dialog tasks render sessions as text; `fit_context` cuts a long rendered context at a speaker tag
+around what its target depends on (the latest turns, or the hidden turn), where seqio would cut its end.
+
 Bad input is filtered, not fatal (counted in a `DropCounter`): empty utterances are removed from their session
 ("empty_turn", counted per turn), then sessions with fewer than two turns ("too_few_turns") or with more speakers
 than tags ("too_many_speakers") are dropped.
@@ -343,3 +346,106 @@ def dialog_objective(
         return out
 
     return dataset.map(plain_graph(corrupt), num_parallel_calls=AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downstream: a rendered dialog context cut to its length at a speaker tag
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tag_starts(ids: tf.Tensor, tags: Sequence[Sequence[int]]) -> tf.Tensor:
+    """bool [n]: the positions of `ids` [n] where one of the `tags` (id sequences) begins.
+
+    ids [7 3 4 9 5 4 8], tags [[3 4], [5 4]] -> [0 1 0 0 1 0 0]
+    """
+    n = tf.size(ids)
+    found = tf.zeros([n], tf.bool)
+    for tag in tags:
+        match = tf.ones([n], tf.bool)
+        for j, tag_id in enumerate(tag):
+            # ids[i + j] at position i, -1 past the end.
+            shifted = tf.concat([ids[j:], tf.fill([tf.minimum(j, n)], tf.constant(-1, ids.dtype))], 0)
+            match = match & tf.equal(shifted, tag_id)
+        found = found | match
+    return found
+
+
+def context_window(ids: tf.Tensor, max_length: int, keep_first: int, tags: Sequence[Sequence[int]],
+                   anchor=None) -> tf.Tensor:
+    """A rendered dialog context `ids` [n] cut to at most `max_length` ids around an anchor, at a speaker tag where
+    one allows it, instead of seqio's cut at the end.
+
+    Why: seqio trims a long feature from the end. A response-generation context then loses its latest turns and
+    the speaker tag it ends with (the model is asked for the next utterance of a conversation whose end it never
+    sees), and an in-filling context may lose the sentinel of the hidden turn (the target fills a gap that is
+    not in the inputs).
+
+    The first `keep_first` ids (the task prefix, e.g. "대화 응답:") stay. Of the rest, a window of
+    `room = max_length - keep_first` ids is kept:
+    - `anchor` None: the window ends where the context ends (the latest turns, and the next speaker's tag the
+      context ends with; response generation);
+    - `anchor` a position in `ids` (the hidden turn's sentinel): the window holds it, with about half of the room
+      before it, moved back or forth where it would reach past the context's start or end.
+    The window starts at the earliest position that fits (the earliest start), moved on to the first tag from there
+    when that tag begins a turn before the anchor's own turn: the window then holds whole turns, and at least one
+    of them before the anchor's turn. When the turn before the anchor's turn does not fit whole, the window starts
+    at the earliest start, inside that turn (its end is the context that matters most). A context that fits comes
+    back unchanged.
+
+    ids [P P 3 4 11 12 5 4 13 3 4] (tags [3 4], [5 4] at 2, 6 and 9), keep_first 2:
+      max_length 8, anchor None -> room 6, earliest start 5, first tag from 5 at 6 -> [P P 5 4 13 3 4]
+      max_length 6, anchor None -> room 4, earliest start 7, no tag in 7..8 -> [P P 4 13 3 4]
+      max_length 7, anchor 4 (id 11) -> room 5, earliest start 2 (the anchor's own turn) -> [P P 3 4 11 12 5]
+    """
+    room = max_length - keep_first
+    if room < 1:
+        raise ValueError(f"context_window: max_length {max_length} leaves no room after the {keep_first}-id prefix")
+    n = tf.size(ids)
+
+    def cut():
+        positions = tf.range(n)
+        starts = tag_starts(ids, tags) & (positions >= keep_first)
+        if anchor is None:
+            last, earliest = n - 1, n - room
+        else:
+            last = tf.cast(anchor, n.dtype)
+            earliest = tf.clip_by_value(last - room // 2, keep_first, n - room)
+        # The anchor's own turn begins at the last tag at or before the anchor.
+        anchor_turn = tf.reduce_max(tf.where(starts & (positions <= last), positions, keep_first))
+        candidates = starts & (positions >= earliest) & (positions < anchor_turn)
+        start = tf.where(tf.reduce_any(candidates), tf.argmax(candidates, output_type=n.dtype), earliest)
+        return tf.concat([ids[:keep_first], ids[start:start + room]], 0)
+
+    return tf.cond(n > max_length, cut, lambda: ids)
+
+
+def fit_context(dataset: tf.data.Dataset, sequence_length, output_features, prefix: str,
+                speaker_tags: Sequence[str], anchor: Optional[str] = None, feature: str = "inputs") -> tf.data.Dataset:
+    """seqio preprocessor, after tokenization: `context_window` on a rendered dialog context, cut to
+    `sequence_length[feature]` less one id for EOS (appended later by `append_eos_after_trim`).
+
+    `prefix`, `speaker_tags` and `anchor` are text, encoded with the feature's vocabulary as they appear inside the
+    rendered context: the prefix begins it, a tag follows a space (" A:"). `anchor`: None keeps the latest turns;
+    a text of one id (a sentinel, "<extra_id_0>") keeps a window around its first occurrence. Without a length
+    for `feature` the dataset passes unchanged.
+    """
+    length = (sequence_length or {}).get(feature)
+    if length is None:
+        return dataset
+    vocabulary = output_features[feature].vocabulary
+    keep_first = len(vocabulary.encode(prefix))
+    tags = [vocabulary.encode(" " + tag.strip()) for tag in speaker_tags]
+    anchor_id = None
+    if anchor is not None:
+        anchor_ids = vocabulary.encode(anchor)
+        if len(anchor_ids) != 1:
+            raise ValueError(f"fit_context: anchor {anchor!r} encodes to {anchor_ids}; expected a single id")
+        anchor_id = anchor_ids[0]
+
+    def fit(features):
+        ids = features[feature]
+        position = None if anchor_id is None else tf.argmax(tf.cast(tf.equal(ids, anchor_id), tf.int32),
+                                                             output_type=tf.int32)
+        return {**features, feature: context_window(ids, length - 1, keep_first, tags, position)}
+
+    return dataset.map(plain_graph(fit), num_parallel_calls=AUTOTUNE)
