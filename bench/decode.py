@@ -22,8 +22,11 @@ first call (compilation, caches) is excluded, the figure is the median of `--run
 sequence of cases runs R times, every other round in reverse order, and the median is taken over all R * runs calls
 of a case: this machine's speed drifts over minutes, and a case measured only at the start of a run against one
 measured only at its end would carry that drift into their ratio. tokens/s counts new
-tokens: batch * new / time. "cpu s" is the process CPU time of a call (all threads). The last line of output is
-one JSON object with every figure, including t5k / PyTorch ratios against both PyTorch configurations.
+tokens: batch * new / time. "cpu s" is the process CPU time of a call (all threads). "1st tok s" is the median
+call that generates one greedy token (the encoder and the first step), and "ms/step" spreads the rest of a call
+over its other `--new - 1` steps: where the time goes, since the two parts depend on the machine in different
+ways (matmul rate against per-step overheads). The last line of output is one JSON object with every figure,
+including t5k / PyTorch ratios against both PyTorch configurations.
 
 `--device gpu` runs every case on the first GPU: JAX's CUDA backend and `model.to("cuda")`, each timed call ended
 by a device synchronisation (`block_until_ready` / `torch.cuda.synchronize`). A worker that finds no GPU fails
@@ -149,6 +152,9 @@ def worker_t5k(args):
             lambda: decoding.generate(model, params, batch, decode_config, seeds).tokens.block_until_ready(),
             args.runs)
         out[f"{method}_times"], out[f"{method}_cpu"] = walls, cpus
+    one_token = decoding.DecodeConfig(method="greedy", max_new_tokens=1, min_new_tokens=1)
+    out["first_token_times"], _ = _time_calls(
+        lambda: decoding.generate(model, params, batch, one_token, seeds).tokens.block_until_ready(), args.runs)
     return out
 
 
@@ -182,21 +188,22 @@ def worker_torch(args):
     out = {"threads": torch.get_num_threads(), "flush_denormal": args.case.startswith("torch_ftz"),
            "dtype": "bfloat16" if args.case.endswith("bf16") else "float32",
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+    def generate(new, **kwargs):
+        tokens = model.generate(input_ids=enc, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                num_beams=1, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # generate returns once its kernels are queued, not done
+        return tokens
+
     for method in METHODS:
         kwargs = dict(do_sample=False) if method == "greedy" else dict(do_sample=True, top_p=TOP_P, top_k=0)
-
-        def call():
-            tokens = model.generate(input_ids=enc, attention_mask=mask, max_new_tokens=args.new,
-                                    min_new_tokens=args.new, num_beams=1, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # generate returns once its kernels are queued, not done
-            return tokens
-
-        tokens = call()[:, 1:].cpu().numpy()
+        tokens = generate(args.new, **kwargs)[:, 1:].cpu().numpy()
         assert tokens.shape == (args.batch, args.new)
         if method == "greedy":
             out["greedy_tokens"] = tokens.tolist()
-        out[f"{method}_times"], out[f"{method}_cpu"] = _time_calls(call, args.runs)
+        out[f"{method}_times"], out[f"{method}_cpu"] = _time_calls(lambda: generate(args.new, **kwargs), args.runs)
+    out["first_token_times"], _ = _time_calls(lambda: generate(1, do_sample=False), args.runs)
     return out
 
 
@@ -271,12 +278,14 @@ def main(argv=None):
     new_tokens = args.batch * args.new
     summary = {}
     for case, r in results.items():
+        first = statistics.median(r["first_token_times"])
         for method in METHODS:
             t = statistics.median(r[f"{method}_times"])
             summary[f"{case}/{method}"] = dict(
                 call_s=round(t, 4), tokens_per_s=round(new_tokens / t, 1),
                 cpu_s=round(statistics.median(r[f"{method}_cpu"]), 3),
-                min_s=round(min(r[f"{method}_times"]), 4), max_s=round(max(r[f"{method}_times"]), 4))
+                min_s=round(min(r[f"{method}_times"]), 4), max_s=round(max(r[f"{method}_times"]), 4),
+                first_token_s=round(first, 4), step_ms=round(1e3 * (t - first) / max(args.new - 1, 1), 2))
     for key, s in summary.items():
         method = key.split("/")[1]
         for ref in ("torch_ftz", "torch_default"):
@@ -293,13 +302,15 @@ def main(argv=None):
     print(f"ct5_small{' (QUICK shapes)' if args.quick else ''}: {info['num_params'] / 1e6:.1f}M params; batch "
           f"{args.batch}, inputs {args.inputs}, {args.new} new tokens per row; load average {load_before[0]:.2f} "
           f"before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs); devices {sorted(set(devices.values()))}")
-    header = f"{'case':<16}{'method':<8}{'s/call':>9}{'cpu s':>8}{'new tok/s':>11}{'vs ftz':>8}{'vs dflt':>8}"
+    header = (f"{'case':<16}{'method':<8}{'s/call':>9}{'cpu s':>8}{'new tok/s':>11}{'vs ftz':>8}{'vs dflt':>8}"
+              f"{'1st tok s':>11}{'ms/step':>9}")
     print(header)
     print("-" * len(header))
     for key, s in summary.items():
         case, method = key.split("/")
         print(f"{case:<16}{method:<8}{s['call_s']:>9.3f}{s['cpu_s']:>8.2f}{s['tokens_per_s']:>11.1f}"
-              f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}")
+              f"{s.get('vs_torch_ftz', float('nan')):>8.3f}{s.get('vs_torch_default', float('nan')):>8.3f}"
+              f"{s['first_token_s']:>11.3f}{s['step_ms']:>9.2f}")
     if agree is not None:
         print(f"greedy tokens equal across float32 cases: {agree:.1%}")
     def best(prefix, method, dtype=None):
