@@ -278,14 +278,15 @@ def main(argv=None):
     new_tokens = args.batch * args.new
     summary = {}
     for case, r in results.items():
-        first = statistics.median(r["first_token_times"])
+        first_token = statistics.median(r["first_token_times"])
         for method in METHODS:
             t = statistics.median(r[f"{method}_times"])
             summary[f"{case}/{method}"] = dict(
                 call_s=round(t, 4), tokens_per_s=round(new_tokens / t, 1),
                 cpu_s=round(statistics.median(r[f"{method}_cpu"]), 3),
                 min_s=round(min(r[f"{method}_times"]), 4), max_s=round(max(r[f"{method}_times"]), 4),
-                first_token_s=round(first, 4), step_ms=round(1e3 * (t - first) / max(args.new - 1, 1), 2))
+                first_token_s=round(first_token, 4),
+                step_ms=round(1e3 * (t - first_token) / max(args.new - 1, 1), 2))
     for key, s in summary.items():
         method = key.split("/")[1]
         for ref in ("torch_ftz", "torch_default"):

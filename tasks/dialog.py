@@ -53,7 +53,7 @@ def speaker_tags(output_features) -> List[List[int]]:
     return [output_features["targets"].vocabulary.encode(t) for t in TAG_TEXT]
 
 
-def _fit(dataset, sequence_length, output_features, features=("inputs",)):
+def _fit_sessions(dataset, sequence_length, output_features, features=("inputs",)):
     """Sessions longer than the smallest of `features`' lengths (less EOS) cut into whole-turn windows that fit
     (`split_long_sessions`), so seqio never trims an objective's output; without lengths, sessions pass whole."""
     lengths = [(sequence_length or {}).get(f) for f in features]
@@ -70,7 +70,7 @@ def _objective(dataset, sequence_length, output_features, seed: int = 0, **kwarg
 def register_objective(name: str, objective, expand_prefixes: bool = False, rate_fn=None, fit=("inputs",)):
     """`fit`: the features whose lengths a rendered session must fit (the targets too when they hold the whole
     session)."""
-    steps = [functools.partial(_fit, features=fit)] + ([_prefixes] if expand_prefixes else [])
+    steps = [functools.partial(_fit_sessions, features=fit)] + ([_prefixes] if expand_prefixes else [])
     steps += [index_examples,
               seeded(_objective, salt=name, objective=objective, rate_fn=rate_fn),
               seqio.preprocessors.append_eos_after_trim]
