@@ -3,9 +3,11 @@ bit-for-bit as an uninterrupted one (final params and the logged loss curve)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -83,12 +85,16 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     model_dir = str(tmp_path / "killed")
     process = subprocess.Popen(_command(model_dir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
-    # Kill it at a step after the first checkpoint (step 8) and before the end.
+    steps_seen = _follow_steps(process)
+    # Kill it at a random step after the first checkpoint (step 8) and before the end, once that checkpoint is
+    # committed: saving is asynchronous, so on a busy machine step 9 can come before step 8's save is renamed
+    # into place (a kill then would restart from scratch, which is right but not what this test is about).
     kill_at = 8 + int(np.random.default_rng().integers(1, 12))
     deadline = time.time() + 500
-    for line in process.stdout:
-        if line.startswith(f"step {kill_at}:") or time.time() > deadline:
-            break
+    while not (steps_seen[-1] >= kill_at and _committed_steps(model_dir)):
+        assert process.poll() is None, f"the run ended before it could be killed (steps seen: {steps_seen[-1]})"
+        assert time.time() < deadline, f"no committed checkpoint and step {kill_at} within 500 s"
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
@@ -102,6 +108,27 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     flat = dict(_leaves(params))
     for path, value in _leaves(ref_params):
         np.testing.assert_array_equal(flat[path], value, err_msg=path)
+
+
+def _follow_steps(process):
+    """A list whose last item is the latest `step N:` line `process` printed (0 before any), kept current by a
+    thread that reads its stdout (so the pipe never fills)."""
+    seen = [0]
+
+    def read():
+        for line in process.stdout:
+            match = re.match(r"step (\d+):", line)
+            if match:
+                seen.append(int(match.group(1)))
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen
+
+
+def _committed_steps(model_dir):
+    """The checkpoint steps Orbax has finished: their directories are renamed from a temporary name when done."""
+    directory = os.path.join(model_dir, "checkpoints")
+    return [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
 
 
 def _without_timing(curve):
