@@ -74,6 +74,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from t5k.models import lora
 from t5k.models.config import TransformerConfig
 from t5k.models.stack import stack_layer_params, unstack_layer_params
 
@@ -439,7 +440,10 @@ def t5_params_from_hf(state_dict: Mapping[str, Any], config: TransformerConfig, 
 
 
 def t5_params_to_hf(params: Mapping[str, Any], config: TransformerConfig) -> Dict[str, np.ndarray]:
-    """t5k `EncoderDecoder` params -> a `T5ForConditionalGeneration` state dict (float32 numpy, all keys)."""
+    """t5k `EncoderDecoder` params -> a `T5ForConditionalGeneration` state dict (float32 numpy, all keys).
+    LoRA adapters are merged into their kernels first."""
+    if config.lora_rank:
+        params, config = lora.merge(params, config)
     rules, aliases = _t5_rules(config)
     return _export(rules, params, aliases, prefix="")
 
@@ -561,7 +565,10 @@ def gpt2_params_from_hf(
 
 
 def gpt2_params_to_hf(params: Mapping[str, Any], config: TransformerConfig) -> Dict[str, np.ndarray]:
-    """t5k `DecoderOnly` params -> a `GPT2LMHeadModel` state dict (float32 numpy, `transformer.` prefixed)."""
+    """t5k `DecoderOnly` params -> a `GPT2LMHeadModel` state dict (float32 numpy, `transformer.` prefixed).
+    LoRA adapters are merged into their kernels first."""
+    if config.lora_rank:
+        params, config = lora.merge(params, config)
     rules, aliases = _gpt2_rules(config)
     # lm_head lives outside `transformer.`; the prefix is applied to the rest.
     out = _export(rules, params, {}, prefix="transformer.")

@@ -8,6 +8,7 @@ AdamW is the alternative the CT5 seed compared against.
 
 import functools
 import math
+import re
 from typing import Any, Callable, Optional
 
 import gin
@@ -95,6 +96,23 @@ def _matrices(param_axes, params):
 
 
 @gin.configurable
+def trainable_parameters(pattern: Optional[str] = None) -> Optional[Callable[[str], bool]]:
+    """Which parameters a run trains: those whose '/'-joined path the regex `pattern` matches whole (None: all).
+
+    `t5k train` hands the predicate to both `make_optimizer` (frozen parameters get no optimizer state) and the
+    train step (their gradients are never formed, and `grad_norm` and clipping see the trained ones only).
+    LoRA fine-tuning (gin/runs/lora.gin) trains `.*/lora_[ab]`.
+    """
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"trainable_parameters.pattern = {pattern!r} is not a regular expression: {e}") from None
+    return lambda path: compiled.fullmatch(path) is not None
+
+
+@gin.configurable
 def make_optimizer(
     optimizer: Callable[..., optax.GradientTransformation] = adafactor,
     schedule: Schedule = gin.REQUIRED,
@@ -116,15 +134,18 @@ def make_optimizer(
     chain.append(optimizer(learning_rate=schedule, param_axes=param_axes))
     tx = optax.chain(*chain)
     if trainable is not None:
-        def labels(params):
-            return jax.tree_util.tree_map_with_path(
-                lambda path, _: "train" if trainable(_path_str(path)) else "freeze", params
-            )
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                                   lambda params: trainable_labels(trainable, params))
     return tx
 
 
-def _path_str(path) -> str:
+def trainable_labels(trainable: Callable[[str], bool], params) -> Any:
+    """A tree like `params` holding "train" or "freeze" for each leaf, by `trainable(path)`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if trainable(path_str(path)) else "freeze", params)
+
+
+def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 

@@ -33,6 +33,8 @@ def _standard_rules() -> LogicalRules:
       embedding/logits split the vocabulary.
     - embed, kv, length, layers, position tables → replicated: splitting `embed` would need an all-reduce after
       every projection; `layers` is the scan axis and must stay whole on each device.
+    - lora → replicated: a LoRA adapter's rank (2–64) is far too small to split; its other dim follows the
+      kernel it adapts (`lora_b [lora, heads, kv]` splits by heads like the query kernel).
     """
     return [
         ("batch", "data"),
@@ -46,6 +48,7 @@ def _standard_rules() -> LogicalRules:
         ("layers", None),
         ("relpos_buckets", None),
         ("abspos_buckets", None),
+        ("lora", None),
     ]
 
 

@@ -150,8 +150,9 @@ def matmul_flops(params, shapes: Mapping[str, tuple], tie_embeddings: bool) -> f
 
 def plan(model, optimizer, mesh, rules, task_feature_lengths: Mapping[str, int], batch_size: int,
          num_microbatches: int = 1, pack: bool = True, loss_config=None, compile: bool = True,
-         model_type: Optional[str] = None) -> Dict[str, Any]:
+         model_type: Optional[str] = None, trainable=None) -> Dict[str, Any]:
     """Lowers and compiles the train step for `mesh` with abstract arguments; returns the plan as a dict.
+    `trainable`: the run's `optim.trainable_parameters()` (the optimizer must be made with the same).
 
     Nothing of the model's size is allocated: parameters, optimizer state and batch are `ShapeDtypeStruct`s.
     compile=False skips the train step (seconds instead of minutes): only the analytic per-device bytes of
@@ -177,7 +178,7 @@ def plan(model, optimizer, mesh, rules, task_feature_lengths: Mapping[str, int],
         batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_shardings[k]) for k, s in shapes.items()}
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
         step = trainer.compile_train_step(model, optimizer, loss_config, shardings, batch_shardings,
-                                          num_microbatches)
+                                          num_microbatches, trainable)
         lower_s = compile_s = 0.0
         memory, cost = None, {}
         if compile:
@@ -272,7 +273,9 @@ def plan_from_gin(devices: Optional[Sequence[Any]] = None, scan: str = "auto", b
     mesh = partitioning.create_mesh(devices=devices)
     rules = partitioning.logical_axis_rules()
     # The schedule does not change the step's memory or FLOPs (it is a scalar function of the step).
-    optimizer = optim.make_optimizer(schedule=optim.rsqrt_schedule(), param_axes=trainer.param_axes(model))
+    trainable = optim.trainable_parameters()  # a LoRA plan keeps optimizer state for the adapters only
+    optimizer = optim.make_optimizer(schedule=optim.rsqrt_schedule(), param_axes=trainer.param_axes(model),
+                                     trainable=trainable)
     lengths = task_feature_lengths or _query("train.task_feature_lengths")
     size = batch_size or _query("train.batch_size")
     if lengths is None or size is None:
@@ -280,7 +283,7 @@ def plan_from_gin(devices: Optional[Sequence[Any]] = None, scan: str = "auto", b
                          "--batch_size/--task_feature_lengths)")
     result = plan(model, optimizer, mesh, rules, lengths, int(size),
                   num_microbatches=int(_query("train.num_microbatches", 1)), pack=bool(_query("train.pack", True)),
-                  compile=compile, model_type=_query("train.model_type"))
+                  compile=compile, model_type=_query("train.model_type"), trainable=trainable)
     result["task_feature_lengths"] = dict(lengths)
     result["scan_note"] = note
     return result

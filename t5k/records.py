@@ -29,7 +29,7 @@ MODEL_FILE = "model.json"
 # either change shapes, which the restore checks, or are run-time choices: dtype, dropout, scan, remat, fusion,
 # the initialiser.
 FUNCTION_FIELDS = ("mlp_activations", "norm", "norm_epsilon", "position_embedding", "relative_attention_max_distance",
-                   "rotary_base", "scale_attention_logits", "prefix_lm")
+                   "rotary_base", "scale_attention_logits", "prefix_lm", "lora_alpha")
 
 
 def has_steps(directory: str) -> bool:
@@ -100,8 +100,11 @@ def model_differences(directory: str, model) -> List[str]:
         raise ValueError(f"{path}: a model record without its \"config\" object; restore it, or delete it to skip "
                          "the check")
     current = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples as lists, like the record
-    return [f"TransformerConfig.{name}: {recorded[name]!r} -> {current[name]!r}" for name in FUNCTION_FIELDS
-            if name in recorded and recorded[name] != current[name]]
+    compared = [name for name in FUNCTION_FIELDS if name in recorded]
+    if not (recorded.get("lora_rank") and current["lora_rank"]):  # the LoRA scale matters only with adapters
+        compared = [name for name in compared if name != "lora_alpha"]
+    return [f"TransformerConfig.{name}: {recorded[name]!r} -> {current[name]!r}" for name in compared
+            if recorded[name] != current[name]]
 
 
 def check_model(directory: str, model, what: str) -> None:

@@ -77,7 +77,8 @@ def train(
     rules = partitioning.logical_axis_rules()
     trainer.check_batch_divisible(batch_size, mesh, num_microbatches)
     schedule = schedule or optim.rsqrt_schedule()
-    optimizer = optim.make_optimizer(schedule=schedule, param_axes=trainer.param_axes(model))
+    trainable = optim.trainable_parameters()  # None: all (gin: trainable_parameters.pattern)
+    optimizer = optim.make_optimizer(schedule=schedule, param_axes=trainer.param_axes(model), trainable=trainable)
     loss_config = trainer.LossConfig()
     # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
     model_type = model_type or default_model_type(model)
@@ -131,7 +132,7 @@ def train(
         first = next(batches)
         batch_shardings = {k: partitioning.batch_sharding(mesh, rules, v.ndim) for k, v in first.items()}
         step_fn = trainer.compile_train_step(model, optimizer, loss_config, shardings, batch_shardings,
-                                             num_microbatches)
+                                             num_microbatches, trainable)
         dropout_key = jax.random.PRNGKey(seed + 1)
         writer = trainer.MetricsWriter(os.path.join(model_dir, "train"), resume_step=start)
         last: Dict[str, float] = {}

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5k import feature_converters, files, gin_utils, losses, partitioning
+from t5k import feature_converters, files, gin_utils, losses, optim, partitioning
 from t5k.models import EncoderDecoder, dummy_inputs
 from t5k.models import abstract_params as abstract_boxed_params
 
@@ -77,11 +77,15 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def gradient_sums(model, params, batch, dropout_rng, loss_config, num_microbatches: int):
+def gradient_sums(model, params, batch, dropout_rng, loss_config, num_microbatches: int, trainable=None):
     """Summed loss statistics and the gradient of the summed loss, accumulated over microbatches.
 
     Accumulating *sums* and normalising once at the end makes k microbatches give exactly the full-batch
     gradient (up to float summation order), whatever the padding in each microbatch.
+
+    `trainable(path) -> bool` (optim.trainable_parameters): the gradients of the other parameters are zeros.
+    Nothing reads their computed values then, so XLA drops the weight-gradient matmuls of frozen kernels: a
+    LoRA step back-propagates through the activations and forms only the adapters' gradients.
     """
     def sums_and_grads(mb, rng):
         def summed_loss(p):
@@ -89,7 +93,7 @@ def gradient_sums(model, params, batch, dropout_rng, loss_config, num_microbatch
             return stats.loss, stats
 
         (_, stats), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
-        return stats, grads
+        return stats, zero_frozen(grads, trainable)
 
     if num_microbatches <= 1:
         return sums_and_grads(batch, dropout_rng)
@@ -109,12 +113,21 @@ def gradient_sums(model, params, batch, dropout_rng, loss_config, num_microbatch
     return stats, grads
 
 
+def zero_frozen(grads, trainable=None):
+    """`grads` with zeros for every parameter `trainable` rejects (unchanged when `trainable` is None)."""
+    if trainable is None:
+        return grads
+    labels = optim.trainable_labels(trainable, grads)
+    return jax.tree_util.tree_map(lambda g, label: g if label == "train" else jnp.zeros_like(g), grads, labels)
+
+
 def train_step(
     state: TrainState, batch: Batch, dropout_rng, *, model, optimizer: optax.GradientTransformation,
-    loss_config: LossConfig, num_microbatches: int = 1,
+    loss_config: LossConfig, num_microbatches: int = 1, trainable=None,
 ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-    """One optimizer update. Non-finite gradients skip the update (params and optimizer state unchanged)."""
-    stats, grads = gradient_sums(model, state.params, batch, dropout_rng, loss_config, num_microbatches)
+    """One optimizer update. Non-finite gradients skip the update (params and optimizer state unchanged).
+    With `trainable` (optim.trainable_parameters) only those parameters have gradients; `grad_norm` is theirs."""
+    stats, grads = gradient_sums(model, state.params, batch, dropout_rng, loss_config, num_microbatches, trainable)
     denominator = loss_config.normalizing_factor or jnp.maximum(stats.weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -246,9 +259,11 @@ def state_from_params(optimizer, shardings: TrainState, params) -> TrainState:
     return build(params)
 
 
-def compile_train_step(model, optimizer, loss_config, shardings: TrainState, batch_shardings, num_microbatches=1):
+def compile_train_step(model, optimizer, loss_config, shardings: TrainState, batch_shardings, num_microbatches=1,
+                       trainable=None):
     step_fn = functools.partial(
-        train_step, model=model, optimizer=optimizer, loss_config=loss_config, num_microbatches=num_microbatches
+        train_step, model=model, optimizer=optimizer, loss_config=loss_config, num_microbatches=num_microbatches,
+        trainable=trainable,
     )
     return jax.jit(
         step_fn,

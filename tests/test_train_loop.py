@@ -201,6 +201,34 @@ def test_finetuning_starts_from_the_checkpoint_parameters_with_a_fresh_state(uni
     assert finetuned[0]["learning_rate"] == 0.0
 
 
+def test_lora_finetuning_trains_fresh_adapters_on_frozen_checkpoint_kernels(uninterrupted, tmp_path):
+    """gin/runs/lora.gin on the pre-trained checkpoint: the adapters start fresh (the checkpoint has none) and are
+    all the run changes; the optimizer state (AdamW's two moments) is the adapters' size."""
+    model_dir = str(tmp_path / "lora")
+    flags = ["--gin_file=gin/runs/lora.gin", f"--gin.INIT_CHECKPOINT='{uninterrupted}'", "--gin.LORA_RANK=2",
+             "--gin.train.train_steps=4", "--gin.train.checkpoint_every=4", "--gin.train.eval_every=0",
+             "--gin.train.batch_size=8", "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}"]
+    result = subprocess.run(_command(model_dir) + flags, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"parameters from {os.path.join(uninterrupted, 'checkpoints')}, fresh optimizer state" in result.stdout
+    step, params = _final_params(model_dir)
+    assert step == 4
+    tuned = dict(_leaves(params))
+    adapters = {path for path in tuned if path.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    # query and value of 3 attention layers (encoder self, decoder self and cross), A and B each
+    assert len(adapters) == 3 * 2 * 2
+    assert all(np.any(tuned[path] != 0) for path in adapters if path.endswith("lora_b"))  # B moved from 0
+    pretrained = dict(_leaves(_final_params(uninterrupted)[1]))
+    assert set(tuned) - adapters == set(pretrained)
+    for path, value in pretrained.items():
+        np.testing.assert_array_equal(tuned[path], value, err_msg=path)
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), "checkpoints"))
+    opt_state = manager.restore(step, args=ocp.args.StandardRestore())["opt_state"]
+    state_size = sum(np.size(v) for _, v in _leaves({"opt_state": _as_dict(opt_state)}) if np.ndim(v) > 0)
+    assert state_size == 2 * sum(tuned[path].size for path in adapters)
+
+
 def test_incompatible_checkpoints_fail_in_one_line_naming_the_leaves(uninterrupted, tmp_path):
     """A fine-tuning source of another shape, and a resumed model_dir written with another optimizer: one line
     each, naming what differs, before any compilation."""

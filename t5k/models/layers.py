@@ -70,6 +70,10 @@ class DenseGeneral(nn.Module):
     `kernel_axes` names every kernel dimension (input dims first). No bias unless `use_bias`. The input
     shape is declared up front (rather than inferred at the first call) so that a parent can read the kernel
     without calling the layer, which is what `fused_dense` needs.
+
+    With `lora_rank > 0` the layer also holds a LoRA adapter (t5k.models.lora): `lora_a [*in, rank]` and
+    `lora_b [rank, *out]`, and computes `x @ kernel + lora_scale * (x @ lora_a) @ lora_b`. The product goes
+    through the rank, never through a `[*in, *out]` update, so training the adapter costs two thin matmuls.
     """
 
     in_features: Tuple[int, ...]
@@ -79,18 +83,29 @@ class DenseGeneral(nn.Module):
     dtype: jnp.dtype = jnp.float32  # compute dtype of the product
     kernel_init: Optional[Callable] = None
     output_dtype: Optional[jnp.dtype] = None  # None: `dtype`; float32 for logits computed in bfloat16
+    lora_rank: int = 0
+    lora_scale: float = 0.0
 
     def setup(self):
         kernel_shape = tuple(self.in_features) + tuple(self.out_features)
         if len(self.kernel_axes) != len(kernel_shape):
             raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}")
-        init = self.kernel_init or fan_in_init(num_input_axes=len(self.in_features))
+        n_in = len(self.in_features)
+        init = self.kernel_init or fan_in_init(num_input_axes=n_in)
         self.kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape, jnp.float32)
         if self.use_bias:
-            bias_axes = self.kernel_axes[len(self.in_features):]
+            bias_axes = self.kernel_axes[n_in:]
             self.bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), tuple(self.out_features), jnp.float32
             )
+        if self.lora_rank:
+            # A like a kernel of its fan-in, B zero: a fresh adapter adds exactly 0 (LoRA's initialisation).
+            a_axes = self.kernel_axes[:n_in] + ("lora",)
+            b_axes = ("lora",) + self.kernel_axes[n_in:]
+            self.lora_a = self.param("lora_a", nn.with_logical_partitioning(fan_in_init(num_input_axes=n_in), a_axes),
+                                     tuple(self.in_features) + (self.lora_rank,), jnp.float32)
+            self.lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, b_axes),
+                                     (self.lora_rank,) + tuple(self.out_features), jnp.float32)
 
     def __call__(self, x: Array) -> Array:
         n_in = len(self.in_features)
@@ -99,7 +114,14 @@ class DenseGeneral(nn.Module):
         y = kernels.dense(x, self.kernel, n_in, self.dtype)  # float32
         if self.use_bias:
             y = y + self.bias
+        if self.lora_rank:
+            y = y + self.lora_update(x)
         return y.astype(self.output_dtype or self.dtype)
+
+    def lora_update(self, x: Array) -> Array:
+        """`lora_scale * (x @ lora_a) @ lora_b`: `[..., *in] -> [..., *out]` float32."""
+        low = kernels.dense(x, self.lora_a, len(self.in_features), self.dtype).astype(self.dtype)  # [..., rank]
+        return self.lora_scale * kernels.dense(low, self.lora_b, 1, self.dtype)
 
 
 def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
@@ -108,6 +130,7 @@ def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
     The kernels stay separate parameters (HF/t5x-compatible names); only the computation is fused over their
     concatenation. On CPU one wide matmul runs markedly faster than several narrow ones, and concatenating
     the weights is cheap next to the activations. Results equal the unfused ones (same contraction and dtype).
+    LoRA adapters, where a module has one, add their low-rank updates to its part after the split.
     """
     dtype = modules[0].dtype
     out_shapes = [tuple(m.out_features) for m in modules]
@@ -115,10 +138,14 @@ def fused_dense(modules: Sequence[DenseGeneral], x: Array) -> Tuple[Array, ...]:
     y = kernels.dense(x, kernel, 1, dtype)  # [..., sum(out)] float32
     if modules[0].use_bias:
         y = y + jnp.concatenate([m.bias.reshape(-1) for m in modules])
-    y = y.astype(dtype)
+    adapted = any(m.lora_rank for m in modules)
+    if not adapted:
+        y = y.astype(dtype)
     sizes = [int(np.prod(s)) for s in out_shapes]
-    parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
-    return tuple(p.reshape(p.shape[:-1] + s) for p, s in zip(parts, out_shapes))
+    parts = [p.reshape(p.shape[:-1] + s) for p, s in zip(jnp.split(y, np.cumsum(sizes)[:-1], axis=-1), out_shapes)]
+    if adapted:
+        parts = [(p + m.lora_update(x) if m.lora_rank else p).astype(dtype) for p, m in zip(parts, modules)]
+    return tuple(parts)
 
 
 def concatenate_columns(kernels: Sequence[Array]) -> Array:
@@ -150,6 +177,11 @@ def _concatenate_16bit_bwd(widths, g):
 
 
 _concatenate_16bit.defvjp(_concatenate_16bit_fwd, _concatenate_16bit_bwd)
+
+
+def lora_fields(config: TransformerConfig, projection: str) -> dict:
+    """DenseGeneral's LoRA fields for the projection named `projection` (rank 0 when it is not adapted)."""
+    return {"lora_rank": config.lora_rank_of(projection), "lora_scale": config.lora_scale}
 
 
 class RMSNorm(nn.Module):
@@ -408,15 +440,16 @@ class MultiHeadAttention(nn.Module):
             dtype=cfg.compute_dtype,
         )
         query_scale = 1.0 if cfg.scale_attention_logits else 1.0 / cfg.head_dim
-        self.query = dense(kernel_init=fan_in_init(scale=query_scale), name="query")
-        self.key = dense(name="key")
-        self.value = dense(name="value")
+        self.query = dense(kernel_init=fan_in_init(scale=query_scale), **lora_fields(cfg, "query"), name="query")
+        self.key = dense(**lora_fields(cfg, "key"), name="key")
+        self.value = dense(**lora_fields(cfg, "value"), name="value")
         self.out = DenseGeneral(
             in_features=(cfg.num_heads, cfg.head_dim),
             out_features=(cfg.d_model,),
             kernel_axes=("heads", "kv", "embed"),
             use_bias=cfg.use_bias,
             dtype=cfg.compute_dtype,
+            **lora_fields(cfg, "out"),
             name="out",
         )
         if self.decode:
@@ -500,14 +533,12 @@ class MlpBlock(nn.Module):
         cfg = self.config
         names = ["wi"] if len(cfg.mlp_activations) == 1 else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
         self.wi = [
-            DenseGeneral(
-                (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name=n
-            )
+            DenseGeneral((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                         **lora_fields(cfg, n), name=n)
             for n in names
         ]
-        self.wo = DenseGeneral(
-            (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="wo"
-        )
+        self.wo = DenseGeneral((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), use_bias=cfg.use_bias,
+                               dtype=cfg.compute_dtype, **lora_fields(cfg, "wo"), name="wo")
         self.dropout = nn.Dropout(rate=cfg.dropout_rate)
 
     def __call__(self, x: Array, deterministic: bool = True) -> Array:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from t5k import gin_utils
-from t5k.models import abstract_params, build_model
+from t5k.models import abstract_params, build_model, lora
 
 
 def count_params(tree) -> int:
@@ -22,13 +22,15 @@ def count_params(tree) -> int:
 
 def param_counts(model) -> Dict[str, int]:
     """Total and per top-level module (`token_embedder`, `encoder`, `decoder`, …); unrolled `layers_i` are
-    summed under `layers`."""
+    summed under `layers`. With LoRA adapters, `lora_adapters` counts them (they are also in the totals)."""
     params = abstract_params(model)
     counts: Dict[str, int] = {}
     for name, sub in sorted(params.items()):
         key = "layers" if re.fullmatch(r"layers_\d+", name) else name
         counts[key] = counts.get(key, 0) + count_params(sub)
     counts["total"] = count_params(params)
+    if model.config.lora_rank:  # what a LoRA run trains (gin/runs/lora.gin)
+        counts["lora_adapters"] = lora.adapter_count(params)
     return counts
 
 
