@@ -35,6 +35,7 @@ def _standard_rules() -> LogicalRules:
       every projection; `layers` is the scan axis and must stay whole on each device.
     - lora → replicated: a LoRA adapter's rank (2–64) is far too small to split; its other dim follows the
       kernel it adapts (`lora_b [lora, heads, kv]` splits by heads like the query kernel).
+    - prompt → replicated: P-tuning's few virtual tokens (`[prompt, embed]`); every data shard reads all of them.
     """
     return [
         ("batch", "data"),
@@ -49,6 +50,7 @@ def _standard_rules() -> LogicalRules:
         ("relpos_buckets", None),
         ("abspos_buckets", None),
         ("lora", None),
+        ("prompt", None),
     ]
 
 

@@ -151,3 +151,13 @@ def test_a_lora_plan_keeps_optimizer_state_for_the_adapters_only(gin_config):
     p = plan.plan_from_gin(devices=jax.devices()[:1], compile=False)
     assert p["param_count"] == 96_490_880 + 86_016
     assert p["opt_state_bytes_total"] == 2 * 4 * 86_016 + 2 * 4  # + two int32 counts (Adam's, the schedule's)
+
+
+def test_a_ptuning_plan_keeps_optimizer_state_for_the_prompt_only(gin_config):
+    """gin/runs/ptuning.gin on hyperclova_137m: AdamW's two float32 moments of the prompt table and its MLP."""
+    gin_config(["gin/models/hyperclova_137m.gin", "gin/runs/ptuning.gin"], [])
+    p = plan.plan_from_gin(devices=jax.devices()[:1], compile=False)
+    d, n = 768, 10
+    prompt = n * d + 2 * (d * d + d)  # the table, mlp_in and mlp_out (width d_model)
+    assert p["opt_state_bytes_total"] == 2 * 4 * prompt + 2 * 4  # + two int32 counts (Adam's, the schedule's)
+    assert p["batch_shapes"]["decoder_input_tokens"] == [32, 2038] and "decoder_segment_ids" not in p["batch_shapes"]

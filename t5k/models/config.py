@@ -28,6 +28,7 @@ REMAT_POLICIES = ("none", "minimal", "full")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
 # The projections LoRA can adapt (module names inside attention and MLP blocks; self- and cross-attention alike).
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_0", "wi_1", "wo")
+PROMPT_ENCODERS = ("none", "mlp")
 
 
 @gin.configurable
@@ -73,6 +74,13 @@ class TransformerConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: Tuple[str, ...] = ("query", "value")
+    # P-tuning (Liu et al. 2021; HyperCLOVA seed; t5k.models.prompts): a decoder-only model reads `prompt_length`
+    # trainable virtual tokens at positions 0..n-1 before its inputs (which move to n, n+1, ...). 'mlp' computes
+    # them through a two-layer MLP of width `prompt_encoder_hidden` (0: d_model), P-tuning's reparameterisation;
+    # 'none' trains the embeddings directly (prompt tuning). 0 = no virtual tokens.
+    prompt_length: int = 0
+    prompt_encoder: str = "mlp"
+    prompt_encoder_hidden: int = 0
 
     def __post_init__(self):
         gin_utils.check_field_types(self)  # e.g. d_model = 64.5, or mlp_activations = 'gelu' (not a tuple)
@@ -83,6 +91,10 @@ class TransformerConfig:
             _check_choice("mlp_activations", act, ACTIVATIONS)
         for target in self.lora_targets:
             _check_choice("lora_targets", target, LORA_TARGETS)
+        _check_choice("prompt_encoder", self.prompt_encoder, PROMPT_ENCODERS)
+        for name in ("prompt_length", "prompt_encoder_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TransformerConfig.{name} = {getattr(self, name)}; expected 0 or more")
         if self.lora_rank < 0:
             raise ValueError(f"TransformerConfig.lora_rank = {self.lora_rank}; expected 0 (no adapters) or more")
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff"):

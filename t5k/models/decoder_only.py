@@ -14,7 +14,7 @@ Output: float32 logits `[batch, length, vocab]`. Tied embeddings give `x @ embed
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t5k.models import layers
+from t5k.models import layers, prompts
 from t5k.models.config import TransformerConfig
 from t5k.models.layers import Array, constrain
 from t5k.models.stack import DecoderLayer, apply_layer_stack, cached_self_attention_bias
@@ -42,18 +42,44 @@ class DecoderOnly(nn.Module):
         """
         cfg = self.config
         tokens = decoder_input_tokens
-        length = tokens.shape[1]
+        positions = decoder_positions
+        if positions is None:
+            if decode:
+                raise ValueError("cached decoding (decode=True) needs decoder_positions [batch, q_len] and decode_length")
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        causal_attention = decoder_causal_attention
+        # P-tuning (t5k.models.prompts): the virtual tokens take positions 0..n-1 and the tokens move after them.
+        # They are fed on every call but a cached step's: its cache holds their keys and values already.
+        n = cfg.prompt_length
+        prepend = bool(n) and not (decode and self.has_variable("cache", prompts.WRITTEN))
+        if n:
+            if decoder_segment_ids is not None:
+                raise ValueError("P-tuning (TransformerConfig.prompt_length > 0) needs unpacked batches: in a packed "
+                                 "row only the first example would see the virtual tokens (train.pack = False)")
+            positions = positions + n
+            if decode:
+                decode_length = None if decode_length is None else decode_length + n
+            if prepend:
+                virtual = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (tokens.shape[0], n))
+                positions = jnp.concatenate([virtual, positions], axis=1)  # [batch, n + length]
+                if causal_attention is not None:  # the virtual tokens belong to a prefix LM's prefix
+                    causal_attention = jnp.concatenate([jnp.ones_like(virtual, causal_attention.dtype),
+                                                        causal_attention], axis=1)
+        length = positions.shape[1]
         if decode:  # validates the decoding inputs before anything reads them
             bias = cached_self_attention_bias(
-                cfg, decoder_positions, decode_length,
-                decoder_causal_attention=decoder_causal_attention, decoder_segment_ids=decoder_segment_ids,
+                cfg, positions, decode_length,
+                decoder_causal_attention=causal_attention, decoder_segment_ids=decoder_segment_ids,
             )
         init = nn.initializers.normal(stddev=cfg.embedding_stddev)
         embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, embedding_init=init, name="token_embedder")
-        positions = decoder_positions
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
         x = embedder(tokens)  # [batch, length, embed]
+        if prepend:
+            prompt = prompts.VirtualPrompt(cfg, name="prompt")()  # [n, embed]
+            x = jnp.concatenate([jnp.broadcast_to(prompt, (x.shape[0],) + prompt.shape), x], axis=1)
+            if decode:  # later calls find their keys and values in the cache
+                self.variable("cache", prompts.WRITTEN, nn.with_logical_partitioning(jnp.ones, ("batch",)),
+                              (x.shape[0],), jnp.int32)
         if cfg.position_embedding == "absolute":
             longest = decode_length if decode else length
             if longest > cfg.max_length:
@@ -66,10 +92,10 @@ class DecoderOnly(nn.Module):
         x = constrain(x, "batch", "length", "embed")
 
         if not decode:
-            if decoder_causal_attention is None:
+            if causal_attention is None:
                 mask = layers.causal_mask(length)
             else:
-                mask = layers.prefix_lm_mask(decoder_causal_attention)
+                mask = layers.prefix_lm_mask(causal_attention)
             if decoder_segment_ids is not None:
                 mask = mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
             bias = (layers.mask_to_bias(mask),)  # [batch or 1, 1, length, length]
@@ -94,4 +120,6 @@ class DecoderOnly(nn.Module):
                 (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype,
                 output_dtype=jnp.float32, name="logits_dense",
             )(x)
+        if prepend:
+            logits = logits[:, n:]  # the virtual positions predict nothing
         return constrain(logits, "batch", "length", "vocab")  # [batch, length, vocab], float32

@@ -141,6 +141,9 @@ class EncoderDecoder(nn.Module):
         if cfg.prefix_lm:
             raise ValueError("TransformerConfig.prefix_lm is for decoder-only models; an encoder-decoder's inputs "
                              "are already read bidirectionally by its encoder")
+        if cfg.prompt_length:
+            raise ValueError("TransformerConfig.prompt_length: P-tuning's virtual tokens are implemented for "
+                             "decoder-only models (HyperCLOVA); adapt an encoder-decoder with LoRA (lora_rank)")
         shared = None
         if cfg.shared_encoder_decoder:
             if cfg.num_encoder_layers != cfg.num_decoder_layers:
