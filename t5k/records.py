@@ -16,7 +16,7 @@ purpose). Checkpoints without records (older ones, or converted from `transforme
 import dataclasses
 import json
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import seqio
 
@@ -72,6 +72,25 @@ def write(directory: str, vocabulary: seqio.Vocabulary, model) -> None:
     """Records `vocabulary` and `model` in a checkpoint manager directory (each: temp file, then rename)."""
     _write(directory, VOCABULARY_FILE, vocab.describe(vocabulary))
     _write(directory, MODEL_FILE, {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)})
+
+
+def write_grown(directory: str, source_directory: str, model) -> None:
+    """Records for a grown model's checkpoints (`t5k grow`): the source's vocabulary record, this model's record."""
+    source = find(source_directory, VOCABULARY_FILE)
+    if source is not None:
+        _write(directory, VOCABULARY_FILE, read(source))
+    _write(directory, MODEL_FILE, {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)})
+
+
+def read_model(directory: str) -> Tuple[str, dict]:
+    """(architecture class name, config fields) recorded for the checkpoints under `directory`."""
+    path = find(directory, MODEL_FILE)
+    if path is None:
+        raise FileNotFoundError(f"no {MODEL_FILE} record for the checkpoints in {directory}")
+    record = read(path)
+    if not isinstance(record.get("config"), dict) or not isinstance(record.get("architecture"), str):
+        raise ValueError(f"{path}: a model record needs \"architecture\" and \"config\"")
+    return record["architecture"], record["config"]
 
 
 def check_vocabulary(directory: str, vocabulary: seqio.Vocabulary, what: str) -> None:

@@ -229,6 +229,34 @@ def test_lora_finetuning_trains_fresh_adapters_on_frozen_checkpoint_kernels(unin
     assert state_size == 2 * sum(tuned[path].size for path in adapters)
 
 
+def test_a_grown_checkpoint_starts_where_the_small_model_stood(uninterrupted, tmp_path):
+    """`t5k grow` (FPI: d_model, heads and d_ff doubled) on the trained run, then `t5k train` from the grown
+    checkpoint at learning rate 0: its first loss is the small model's on the same batch (a run from the source)."""
+    wide = ["--gin.TransformerConfig.d_model=64", "--gin.TransformerConfig.num_heads=4",
+            "--gin.TransformerConfig.d_ff=128"]
+    grown = str(tmp_path / "grown")
+    result = subprocess.run([sys.executable, "-m", "t5k.cli", "grow", f"--checkpoint={uninterrupted}",
+                             f"--out={grown}", *TINY, *wide], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "fpi" and summary["grown_params"] > 2 * summary["source_params"]
+    at_rest = ["--gin.train.train_steps=1", "--gin.train.checkpoint_every=1", "--gin.train.schedule=@constant_schedule()",
+               "--gin.constant_schedule.learning_rate=0.0"]
+    first_losses = []
+    for source, extra in ((uninterrupted, []), (grown, wide)):
+        model_dir = str(tmp_path / f"from_{os.path.basename(source)}")
+        run = subprocess.run(_command(model_dir) + extra + at_rest + [f"--gin.train.init_checkpoint='{source}'"],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        first_losses.append(_curve(model_dir)[0]["loss"])
+    assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-4)
+    # A second grow into the same place is refused rather than mixed in.
+    again = subprocess.run([sys.executable, "-m", "t5k.cli", "grow", f"--checkpoint={uninterrupted}", f"--out={grown}",
+                            *TINY, *wide], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
 def test_incompatible_checkpoints_fail_in_one_line_naming_the_leaves(uninterrupted, tmp_path):
     """A fine-tuning source of another shape, and a resumed model_dir written with another optimizer: one line
     each, naming what differs, before any compilation."""
