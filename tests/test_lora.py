@@ -14,6 +14,7 @@ from t5k import convert, decoding, optim, partitioning, trainer
 from t5k.models import DecoderOnly, EncoderDecoder, TransformerConfig, abstract_params, dummy_inputs, lora
 from t5k.models.config import LORA_TARGETS
 from t5k.models.layers import DenseGeneral
+from tiny_models import train_subset
 
 ENC_DEC = TransformerConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=24, num_encoder_layers=2,
                             num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -131,29 +132,14 @@ def test_hf_export_merges_the_adapters():
 
 
 def _train(mesh, config, steps):
-    """`steps` AdamW steps that train the adapters alone, on `mesh`; (first params, last params, metrics, state)."""
-    model = EncoderDecoder(config)
-    trainable = optim.trainable_parameters(lora.ADAPTER_PATTERN)
-    tx = optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(3e-2),
-                              param_axes=trainer.param_axes(model), trainable=trainable)
-    rules = partitioning.logical_axis_rules(fsdp=True)
+    """`steps` AdamW steps on one batch that train the adapters alone: (first params, last params, metrics,
+    optimizer state, the batch)."""
     rng = np.random.default_rng(0)
     batch = {"encoder_input_tokens": rng.integers(2, 64, (8, 10)), "decoder_input_tokens": rng.integers(2, 64, (8, 6)),
              "decoder_target_tokens": rng.integers(2, 64, (8, 6))}
     batch = {k: v.astype(np.int32) for k, v in batch.items()}
     batch["decoder_loss_weights"] = np.ones((8, 6), np.float32)
-    with partitioning.activate(mesh, rules):
-        shardings = trainer.state_shardings(model, tx, mesh, rules)
-        state = trainer.init_state(model, tx, shardings, seed=0)
-        first = jax.device_get(state.params)
-        step = trainer.compile_train_step(model, tx, trainer.LossConfig(), shardings,
-                                          {k: partitioning.batch_sharding(mesh, rules, 2) for k in batch},
-                                          trainable=trainable)
-        history = []
-        for _ in range(steps):
-            state, metrics = step(state, trainer.device_batch(batch, mesh, rules), None)
-            history.append(jax.device_get(metrics))
-    return first, jax.device_get(state.params), history, jax.device_get(state.opt_state), batch
+    return train_subset(EncoderDecoder(config), lora.ADAPTER_PATTERN, batch, mesh, steps) + (batch,)
 
 
 def test_a_lora_step_trains_the_adapters_alone(devices):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5k import decoding, optim, partitioning, trainer
+from t5k import decoding, partitioning
 from t5k.models import DecoderOnly, EncoderDecoder, TransformerConfig, dummy_inputs, prompts
+from tiny_models import train_subset
 
 BASE = TransformerConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=24, num_encoder_layers=0,
                          num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -87,33 +88,17 @@ def test_the_mlp_encoder_computes_the_virtual_tokens():
 
 
 def test_training_moves_the_prompt_alone():
-    config = BASE.replace(prompt_length=4)
-    model = DecoderOnly(config)
-    trainable = optim.trainable_parameters(prompts.PARAMS_PATTERN)
-    tx = optim.make_optimizer(optimizer=optim.adamw, schedule=optim.constant_schedule(3e-2),
-                              param_axes=trainer.param_axes(model), trainable=trainable)
-    mesh, rules = partitioning.create_mesh(devices=jax.devices()[:2]), partitioning.logical_axis_rules()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(2, 64, (4, 9)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(2, 64, (4, 9)).astype(np.int32)
     batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
              "decoder_loss_weights": np.ones((4, 8), np.float32)}
-    with partitioning.activate(mesh, rules):
-        shardings = trainer.state_shardings(model, tx, mesh, rules)
-        state = trainer.init_state(model, tx, shardings, seed=0)
-        before = jax.device_get(state.params)
-        step = trainer.compile_train_step(model, tx, trainer.LossConfig(), shardings,
-                                          {k: partitioning.batch_sharding(mesh, rules, 2) for k in batch},
-                                          trainable=trainable)
-        losses = []
-        for _ in range(6):
-            state, metrics = step(state, trainer.device_batch(batch, mesh, rules), None)
-            losses.append(float(metrics["loss"]))
-    after = jax.device_get(state.params)
+    mesh = partitioning.create_mesh(devices=jax.devices()[:2])
+    before, after, history, _ = train_subset(DecoderOnly(BASE.replace(prompt_length=4)), prompts.PARAMS_PATTERN, batch,
+                                             mesh, steps=6)
     flat_before = dict(jax.tree_util.tree_leaves_with_path(before))
     for path, value in jax.tree_util.tree_leaves_with_path(after):
         moved = not np.array_equal(value, flat_before[path])
         assert moved == (path[0].key == "prompt"), jax.tree_util.keystr(path)
-    assert losses[-1] < losses[0], losses
+    assert history[-1]["loss"] < history[0]["loss"], [h["loss"] for h in history]
 
 
 def test_bad_prompt_settings_are_named_errors():
