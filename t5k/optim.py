@@ -139,6 +139,18 @@ def make_optimizer(
     return tx
 
 
+def check_trains_something(trainable: Optional[Callable[[str], bool]], params) -> None:
+    """ValueError when `trainable` rejects every parameter of `params` (a tree, e.g. `trainer.param_axes(model)`):
+    a misspelt pattern would otherwise train nothing, silently."""
+    if trainable is None:
+        return
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_spec)]
+    if not any(trainable(p) for p in paths):
+        raise ValueError(f"trainable_parameters.pattern matches none of the model's {len(paths)} parameters (e.g. "
+                         f"{paths[0]!r}); LoRA needs TransformerConfig.lora_rank > 0, P-tuning prompt_length > 0")
+
+
 def trainable_labels(trainable: Callable[[str], bool], params) -> Any:
     """A tree like `params` holding "train" or "freeze" for each leaf, by `trainable(path)`."""
     return jax.tree_util.tree_map_with_path(

@@ -78,7 +78,9 @@ def train(
     trainer.check_batch_divisible(batch_size, mesh, num_microbatches)
     schedule = schedule or optim.rsqrt_schedule()
     trainable = optim.trainable_parameters()  # None: all (gin: trainable_parameters.pattern)
-    optimizer = optim.make_optimizer(schedule=schedule, param_axes=trainer.param_axes(model), trainable=trainable)
+    param_axes = trainer.param_axes(model)
+    optim.check_trains_something(trainable, param_axes)
+    optimizer = optim.make_optimizer(schedule=schedule, param_axes=param_axes, trainable=trainable)
     loss_config = trainer.LossConfig()
     # The feature converter: seqio's EncDec, Decoder (causal LM) or PrefixLM layout.
     model_type = model_type or default_model_type(model)

@@ -154,6 +154,7 @@ def test_bad_configuration_fails_in_one_line_before_compiling(tmp_path):
         "--gin.create_mesh.data=3": "does not divide",
         "--gin.train.mixture_or_task_name='no_such_task'": "no_such_task",
         "--gin.train.checkpoint_every=0": "train.checkpoint_every = 0; expected a positive integer",
+        "--gin.trainable_parameters.pattern='.*/lora_[ab]'": "trainable_parameters.pattern matches none of the model",
     }
     for flag, expected in cases.items():
         result = subprocess.run(_command(str(tmp_path / "bad")) + [flag], cwd=ROOT, env=_env(), capture_output=True,
