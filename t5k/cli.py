@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "tasks": ("t5k.tasks_cli", "list the registered seqio tasks/mixtures and show decoded examples"),
+    "corpus": ("t5k_tasks.clean", "clean document files for pre-training: quality filter, de-identify, deduplicate"),
     "params": ("t5k.models.params_cli", "print the parameter count of a gin model preset (no allocation)"),
     "plan": ("t5k.plan", "per-device memory and FLOPs of the train step on a simulated mesh (no allocation)"),
     "train": ("t5k.train", "train a model on a seqio task or mixture (gin files + --gin.X=Y bindings)"),
