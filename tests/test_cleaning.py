@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from t5k import cli
-from t5k_tasks import clean, corpora, dedup, deidentify, quality
+from t5k_tasks import corpora, dedup, deidentify, quality
 
 
 @pytest.fixture(scope="module")
