@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("t5k.train", "train a model on a seqio task or mixture (gin files + --gin.X=Y bindings)"),
     "grow": ("t5k.growth", "grow a trained checkpoint into a wider/deeper model (bert2BERT's FPI / AKI, stacking)"),
     "eval": ("t5k.evaluation", "evaluate a checkpoint on seqio tasks' metrics; writes results.json and results.md"),
+    "adversarial": ("t5k.adversarial", "how well a discriminator tells a generator's continuations from real text"),
     "infer": ("t5k.infer", "generate for a JSONL file of prompts from a checkpoint (streamed, resumable)"),
     "vocab": ("t5k.vocab", "train, inspect and use the morpheme-aware byte-level BPE vocabularies"),
 }
