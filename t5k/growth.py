@@ -211,7 +211,7 @@ def run(args, bindings=()) -> int:
         out_dir = os.path.join(args.out, "checkpoints")
         if records.has_steps(out_dir):
             raise GrowthError(f"grow: {out_dir} already holds checkpoints; choose another --out")
-        abstract = jax.eval_shape(lambda: nn.unbox(abstract_params(source_model)))
+        abstract = nn.unbox(abstract_params(source_model))  # ShapeDtypeStructs: nothing allocated
         params = checkpoints.restore_params(source_dir, abstract, step=args.step)
         grown = grow(source_model, params, target_model.config, args.method)
     except (gin_utils.GinConfigError, ValueError, KeyError, FileNotFoundError, TypeError) as e:

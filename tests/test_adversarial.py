@@ -54,9 +54,9 @@ def test_cli_scores_a_random_generator_as_easy_to_spot(tmp_path, capsys):
                         + "import t5k.decoding\nDecodeConfig.method = 'sample'\nDecodeConfig.top_p = 0.9\n")
     out = tmp_path / "adv.json"
     assert cli.main(["adversarial", f"--gin_file={gin_file}", f"--out={out}", "--num_devices=2",
-                     "--max_documents=160", f"--prompt_tokens={PROMPT}", f"--continuation_tokens={CONTINUATION}"]) == 0
+                     "--max_documents=120", f"--prompt_tokens={PROMPT}", f"--continuation_tokens={CONTINUATION}"]) == 0
     result = json.loads(out.read_text())
-    assert result["generator"] == "random-init" and result["documents"] >= 100
+    assert result["generator"] == "random-init" and result["documents"] >= 80
     assert result["accuracy"] > 0.8, result
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-2].startswith("| random-init | ") and json.loads(printed[-1]) == result

@@ -50,8 +50,8 @@ def test_virtual_tokens_compute_what_their_ids_compute_in_front(position_embeddi
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
-@pytest.mark.parametrize("prefix_lm", [False, True], ids=["causal", "prefix_lm"])
+@pytest.mark.parametrize("method, prefix_lm", [("greedy", True), ("beam", False)],
+                         ids=["greedy_prefix_lm", "beam_causal"])
 def test_cached_decoding_reads_the_virtual_tokens_once(method, prefix_lm):
     """The prefill writes the virtual tokens' keys and values; the steps find them in the cache."""
     config = BASE.replace(position_embedding="rotary", prefix_lm=prefix_lm)

@@ -179,17 +179,26 @@ def _as_dict(tree):
     return tree
 
 
-def test_finetuning_starts_from_the_checkpoint_parameters_with_a_fresh_state(uninterrupted, tmp_path):
+# Fine-tuning at learning rate 0 for 3 steps: every step sees the starting parameters.
+AT_REST = ["--gin.train.train_steps=3", "--gin.train.checkpoint_every=3", "--gin.train.schedule=@constant_schedule()",
+           "--gin.constant_schedule.learning_rate=0.0"]
+
+
+@pytest.fixture(scope="module")
+def finetuned_at_rest(uninterrupted, tmp_path_factory):
+    """(model_dir, stdout) of a run that starts from the trained checkpoint at learning rate 0."""
+    model_dir = str(tmp_path_factory.mktemp("finetune"))
+    result = subprocess.run(_command(model_dir) + AT_REST + [f"--gin.train.init_checkpoint='{uninterrupted}'"],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir, result.stdout
+
+
+def test_finetuning_starts_from_the_checkpoint_parameters_with_a_fresh_state(uninterrupted, finetuned_at_rest):
     """train.init_checkpoint: the new run's step and optimizer state start at 0, its parameters are the
     checkpoint's (a zero learning rate keeps them bit-identical), and its first loss is the trained model's."""
-    model_dir = str(tmp_path / "finetune")
-    flags = [f"--gin.train.init_checkpoint='{uninterrupted}'", "--gin.train.train_steps=3",
-             "--gin.train.checkpoint_every=3", "--gin.train.schedule=@constant_schedule()",
-             "--gin.constant_schedule.learning_rate=0.0"]
-    result = subprocess.run(_command(model_dir) + flags, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"parameters from {os.path.join(uninterrupted, 'checkpoints')}, fresh optimizer state" in result.stdout
+    model_dir, stdout = finetuned_at_rest
+    assert f"parameters from {os.path.join(uninterrupted, 'checkpoints')}, fresh optimizer state" in stdout
     step, params = _final_params(model_dir)
     assert step == 3  # counted from 0, not from the checkpoint's 24
     assert _opt_counts(model_dir) and set(_opt_counts(model_dir)) == {3}
@@ -230,9 +239,10 @@ def test_lora_finetuning_trains_fresh_adapters_on_frozen_checkpoint_kernels(unin
     assert state_size == 2 * sum(tuned[path].size for path in adapters)
 
 
-def test_a_grown_checkpoint_starts_where_the_small_model_stood(uninterrupted, tmp_path):
+def test_a_grown_checkpoint_starts_where_the_small_model_stood(uninterrupted, finetuned_at_rest, tmp_path):
     """`t5k grow` (FPI: d_model, heads and d_ff doubled) on the trained run, then `t5k train` from the grown
-    checkpoint at learning rate 0: its first loss is the small model's on the same batch (a run from the source)."""
+    checkpoint at learning rate 0: its first loss is the small model's on the same batch (the run from the source at
+    rest)."""
     wide = ["--gin.TransformerConfig.d_model=64", "--gin.TransformerConfig.num_heads=4",
             "--gin.TransformerConfig.d_ff=128"]
     grown = str(tmp_path / "grown")
@@ -242,15 +252,11 @@ def test_a_grown_checkpoint_starts_where_the_small_model_stood(uninterrupted, tm
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["method"] == "fpi" and summary["grown_params"] > 2 * summary["source_params"]
-    at_rest = ["--gin.train.train_steps=1", "--gin.train.checkpoint_every=1", "--gin.train.schedule=@constant_schedule()",
-               "--gin.constant_schedule.learning_rate=0.0"]
-    first_losses = []
-    for source, extra in ((uninterrupted, []), (grown, wide)):
-        model_dir = str(tmp_path / f"from_{os.path.basename(source)}")
-        run = subprocess.run(_command(model_dir) + extra + at_rest + [f"--gin.train.init_checkpoint='{source}'"],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        first_losses.append(_curve(model_dir)[0]["loss"])
+    model_dir = str(tmp_path / "from_grown")
+    run = subprocess.run(_command(model_dir) + wide + AT_REST + [f"--gin.train.init_checkpoint='{grown}'"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first_losses = [_curve(finetuned_at_rest[0])[0]["loss"], _curve(model_dir)[0]["loss"]]
     assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-4)
     # A second grow into the same place is refused rather than mixed in.
     again = subprocess.run([sys.executable, "-m", "t5k.cli", "grow", f"--checkpoint={uninterrupted}", f"--out={grown}",
