@@ -3,6 +3,7 @@ from clearly different text, and `t5k adversarial` scores a random-init generato
 
 import json
 
+import gin
 import numpy as np
 import pytest
 
@@ -53,8 +54,12 @@ def test_cli_scores_a_random_generator_as_easy_to_spot(tmp_path, capsys):
                                   num_encoder_layers=0, num_decoder_layers=1, dtype="float32")
                         + "import t5k.decoding\nDecodeConfig.method = 'sample'\nDecodeConfig.top_p = 0.9\n")
     out = tmp_path / "adv.json"
-    assert cli.main(["adversarial", f"--gin_file={gin_file}", f"--out={out}", "--num_devices=2",
-                     "--max_documents=120", f"--prompt_tokens={PROMPT}", f"--continuation_tokens={CONTINUATION}"]) == 0
+    try:
+        assert cli.main(["adversarial", f"--gin_file={gin_file}", f"--out={out}", "--num_devices=2",
+                         "--max_documents=120", f"--prompt_tokens={PROMPT}",
+                         f"--continuation_tokens={CONTINUATION}"]) == 0
+    finally:
+        gin.clear_config()  # its model and DecodeConfig bindings must not reach later tests in this process
     result = json.loads(out.read_text())
     assert result["generator"] == "random-init" and result["documents"] >= 80
     assert result["accuracy"] > 0.8, result
