@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from t5k.models import abstract_params
+from t5k.optim import path_str
 from t5k.models.config import TransformerConfig
 from t5k.models.stack import LAYER_KEY, stack_layer_params, unstack_layer_params
 
@@ -50,9 +51,9 @@ def grow(model: nn.Module, params: Any, target: TransformerConfig, method: str =
     check_growth(source, target, method)
     names = _logical_names(type(model)(source.replace(scan_layers=False)))
     params = unstack_layer_params(_plain(nn.unbox(params)))
-    if set(_flatten(params)) != set(names):
-        raise GrowthError(f"grow: the parameters do not match the source config (differing paths: "
-                          f"{sorted(set(_flatten(params)) ^ set(names))[:4]})")
+    differing = sorted(set(_flatten(params)) ^ set(names))
+    if differing:
+        raise GrowthError(f"grow: the parameters do not match the source config (differing paths: {differing[:4]})")
     maps = {axis: copy_map(getattr(source, field), getattr(target, field)) for axis, field in GROWN_AXES.items()}
     wide = _map_tree(params, lambda path, x: _widen(x, names[path], path, maps))
     if method == "aki":
@@ -152,19 +153,15 @@ def _deepen(tree: Dict[str, Any], target: TransformerConfig) -> Dict[str, Any]:
 def _logical_names(model) -> Dict[str, Tuple[str, ...]]:
     boxed = abstract_params(model)
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    return {_path(p): tuple(leaf.names) for p, leaf in leaves}
-
-
-def _path(key_path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in key_path)
+    return {path_str(p): tuple(leaf.names) for p, leaf in leaves}
 
 
 def _flatten(tree) -> Dict[str, Any]:
-    return {_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _map_tree(tree, fn):
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path(p), x), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
 
 
 def _plain(tree):

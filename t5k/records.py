@@ -71,7 +71,11 @@ def _write(directory: str, name: str, record: dict) -> None:
 def write(directory: str, vocabulary: seqio.Vocabulary, model) -> None:
     """Records `vocabulary` and `model` in a checkpoint manager directory (each: temp file, then rename)."""
     _write(directory, VOCABULARY_FILE, vocab.describe(vocabulary))
-    _write(directory, MODEL_FILE, {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)})
+    _write(directory, MODEL_FILE, _model_record(model))
+
+
+def _model_record(model) -> dict:
+    return {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)}
 
 
 def write_grown(directory: str, source_directory: str, model) -> None:
@@ -79,7 +83,7 @@ def write_grown(directory: str, source_directory: str, model) -> None:
     source = find(source_directory, VOCABULARY_FILE)
     if source is not None:
         _write(directory, VOCABULARY_FILE, read(source))
-    _write(directory, MODEL_FILE, {"architecture": type(model).__name__, "config": dataclasses.asdict(model.config)})
+    _write(directory, MODEL_FILE, _model_record(model))
 
 
 def read_model(directory: str) -> Tuple[str, dict]:

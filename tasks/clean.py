@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Counter, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -36,10 +36,14 @@ from t5k_tasks import corpora, dedup, deidentify, quality
 class CleaningReport:
     documents: int = 0
     kept: int = 0
-    rejected: Dict[str, int] = dataclasses.field(default_factory=dict)  # by quality rule
+    rejected: Counter = dataclasses.field(default_factory=collections.Counter)  # by quality rule
     exact_duplicates: int = 0
     near_duplicates: int = 0
-    identifiers: Dict[str, int] = dataclasses.field(default_factory=dict)  # replaced, by kind
+    identifiers: Counter = dataclasses.field(default_factory=collections.Counter)  # replaced, by kind
+
+    def as_dict(self) -> dict:
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs.
+        return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in vars(self).items()}
 
 
 def clean_documents(texts: Iterable[str], rules: quality.QualityRules = quality.QualityRules(),
@@ -48,16 +52,15 @@ def clean_documents(texts: Iterable[str], rules: quality.QualityRules = quality.
     """The kept documents, cleaned, in input order; `report` (if given) is filled in as they go."""
     near_duplicates = near_duplicates or dedup.NearDuplicateFilter()
     report = report if report is not None else CleaningReport()
-    rejected, identifiers = collections.Counter(report.rejected), collections.Counter(report.identifiers)
     seen = set()
     for text in texts:
         report.documents += 1
         reason = rules.reject(text)
         if reason:
-            rejected[reason] += 1
+            report.rejected[reason] += 1
             continue
         text, found = deidentify.deidentify(text)
-        identifiers.update(found)
+        report.identifiers.update(found)
         digest = hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()
         if digest in seen:
             report.exact_duplicates += 1
@@ -67,9 +70,7 @@ def clean_documents(texts: Iterable[str], rules: quality.QualityRules = quality.
             report.near_duplicates += 1
             continue
         report.kept += 1
-        report.rejected, report.identifiers = dict(rejected), dict(identifiers)
         yield text
-    report.rejected, report.identifiers = dict(rejected), dict(identifiers)
 
 
 def write_documents(texts: Iterable[str], path: str) -> int:
@@ -118,7 +119,7 @@ def run(args, bindings=()) -> int:
     progress = tqdm(texts(), desc="clean", unit="doc", disable=not sys.stderr.isatty())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_documents(clean_documents(progress, rules, near, report), args.out)
-    summary = dataclasses.asdict(report)
+    summary = report.as_dict()
     report_path = args.report or args.out + ".report.json"
     files.write_text(report_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(summary, ensure_ascii=False))
